@@ -1,0 +1,4 @@
+"""``python -m lib_merge``: see lib_merge.cli."""
+from .cli import main
+
+raise SystemExit(main())
