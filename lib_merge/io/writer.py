@@ -1,0 +1,266 @@
+"""Streaming safetensors writer.
+
+The header is computed from the planned keys, shapes and dtypes before any tensor exists, so
+each tensor has a fixed offset and can be written with ``pwrite`` the moment it is produced, in
+any order and from any thread. The file is written as ``NAME.tmp`` beside the output, space is
+reserved up front (a full disk fails before the merge, not after an hour), and the final name
+appears only after every key was written and the header re-read successfully.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from ..errors import CorruptFileError, MergeError, OutputPathError
+from .dtypes import TORCH_TO_CODE, itemsize
+
+
+class PlannedTensor:
+    __slots__ = ("key", "shape", "dtype", "offset", "nbytes")
+
+    def __init__(self, key: str, shape: Sequence[int], dtype: torch.dtype):
+        self.key = key
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        self.nbytes = numel * itemsize(TORCH_TO_CODE[dtype])
+        self.offset = 0
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def check_output_path(path: Path, inputs: Iterable[Path] = (), *, overwrite: bool = False) -> None:
+    """Refuse to write over an input (even through another name) or, without ``overwrite``, over
+    an existing file."""
+    for src in inputs:
+        try:
+            same = path.exists() and os.path.samefile(path, src)
+        except OSError:
+            same = False
+        if same or path.resolve() == Path(src).resolve():
+            raise OutputPathError(f"{path}: this is an input of the merge ({src}); choose another output name")
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{path}: already exists; pass --overwrite to replace it or choose another name")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: folder {path.parent} does not exist; create it first")
+
+
+class SafetensorsWriter:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        planned: Sequence[tuple[str, Sequence[int], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        inputs: Iterable[os.PathLike[str] | str] = (),
+        overwrite: bool = False,
+        resume: bool = False,
+        durable: bool = True,
+    ):
+        self.durable = durable
+        self.path = Path(path)
+        self.tmp_path = temp_path_for(self.path)
+        check_output_path(self.path, [Path(p) for p in inputs], overwrite=overwrite)
+        self.tensors: dict[str, PlannedTensor] = {}
+        for key, shape, dtype in planned:
+            if key in self.tensors:
+                raise MergeError(f"{self.path}: key {key!r} planned twice")
+            self.tensors[key] = PlannedTensor(key, shape, dtype)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        cursor = 0
+        for t in self.tensors.values():
+            t.offset = cursor
+            header[t.key] = {"dtype": TORCH_TO_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [cursor, cursor + t.nbytes]}
+            cursor += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        self._header = len(raw).to_bytes(8, "little") + raw
+        self.data_start = len(self._header)
+        self.total_size = self.data_start + cursor
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._open(resume)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _open(self, resume: bool) -> None:
+        flags = os.O_RDWR | os.O_CREAT
+        if not resume:
+            flags |= os.O_TRUNC
+        try:
+            self._fd = os.open(self.tmp_path, flags, 0o644)
+            existing = os.fstat(self._fd).st_size
+            if resume and existing == self.total_size and os.pread(self._fd, len(self._header), 0) == self._header:
+                return  # same plan as the interrupted run: keep the bytes already written
+            os.ftruncate(self._fd, 0)
+            _reserve(self._fd, self.total_size, self.path)
+            os.pwrite(self._fd, self._header, 0)
+        except OSError as exc:
+            self._cleanup()
+            raise _disk_error(exc, self.path, self.total_size) from None
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def mark_written(self, keys: Iterable[str]) -> None:
+        """Resume support: declare keys whose bytes are already in the temporary file."""
+        with self._lock:
+            self._written.update(keys)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor."""
+        planned = self._planned(key)
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise MergeError(
+                f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}"
+            )
+        self.write_part(key, 0, tensor)
+        self.complete(key)
+
+    def write_part(self, key: str, element_offset: int, chunk: torch.Tensor) -> None:
+        """Write ``chunk`` (any shape, the planned dtype) at ``element_offset`` within ``key``: lets
+        a producer stream a tensor through a small buffer without ever materialising it."""
+        planned = self._planned(key)
+        if chunk.dtype != planned.dtype:
+            raise MergeError(f"{self.path}: {key!r} chunk is {chunk.dtype}, planned {planned.dtype}")
+        data = chunk.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        start = element_offset * chunk.element_size()
+        if start + data.numel() > planned.nbytes:
+            raise MergeError(f"{self.path}: write past the end of {key!r}")
+        if not data.numel():
+            return
+        view = memoryview(data.numpy())
+        pos = self.data_start + planned.offset + start
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], pos + done)
+        except OSError as exc:
+            raise _disk_error(exc, self.path, self.total_size) from None
+
+    def complete(self, key: str) -> None:
+        """Declare every byte of ``key`` written."""
+        self._planned(key)
+        with self._lock:
+            self._written.add(key)
+
+    def _planned(self, key: str) -> PlannedTensor:
+        planned = self.tensors.get(key)
+        if planned is None:
+            raise MergeError(f"{self.path}: key {key!r} was not planned")
+        return planned
+
+    @property
+    def missing(self) -> list[str]:
+        return [k for k in self.tensors if k not in self._written]
+
+    def finish(self) -> Path:
+        """Flush, verify the header reads back, then atomically move to the final name."""
+        missing = self.missing
+        if missing:
+            self.abort()
+            raise MergeError(f"{self.path}: {len(missing)} keys were never written (first: {missing[0]!r})")
+        try:
+            if self.durable:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(exc, self.path, self.total_size) from None
+        os.close(self._fd)
+        self._fd = -1
+        self._verify()
+        os.replace(self.tmp_path, self.path)
+        if self.durable:
+            _fsync_dir(self.path.parent)
+        return self.path
+
+    def _verify(self) -> None:
+        from .reader import SafetensorsReader
+
+        try:
+            with SafetensorsReader(self.tmp_path) as check:
+                if set(check.infos) != set(self.tensors) or check.file_size != self.total_size:
+                    raise CorruptFileError(f"{self.tmp_path}: written file does not match its plan")
+        except CorruptFileError:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def keep_partial(self) -> None:
+        """Close without deleting the temporary file (resume after an interruption)."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._fd >= 0:
+            self.abort()
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # filesystems without fallocate (some network/overlay mounts) fall through
+    os.ftruncate(fd, size)
+
+
+def _disk_error(exc: OSError, path: Path, size: int) -> MergeError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputPathError(
+            f"{path}: not enough disk space (the output needs {size / 2**30:.2f} GiB in {path.parent}); "
+            "free space or choose another folder — no file was written"
+        )
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return OutputPathError(f"{path}: cannot write in {path.parent} ({exc.strerror}); choose a writable folder")
+    return OutputPathError(f"{path}: write failed ({exc.strerror or exc})")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

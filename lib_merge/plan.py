@@ -1,0 +1,221 @@
+"""Planning: every check that can be made from the headers alone, made before any tensor data is
+read, with all problems reported at once; then one job per output key (merge, copy or drop,
+with its block and resolved parameters)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .arch import BLOCK_POLICIES, ModelInfo, block_of, detect_architecture, key_kind
+from .blocks import parse_block_weights
+from .errors import ArchitectureMismatchError, BadParameterError, CorruptFileError, MergeError
+from .inputs import VirtualInput, parse_model_ref
+from .io.dtypes import output_dtype
+from .io.reader import CheckpointReader, open_checkpoint
+from .methods.registry import MethodSpec, get_method
+from .recipe import Recipe
+
+INPAINT_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@dataclass
+class KeyJob:
+    key: str
+    action: str  # "merge" | "copy"
+    block: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    params: dict[str, Any]
+    sources: tuple[int, ...]  # model indices read for this key (copy: (0,))
+    identity: bool = False  # the method's per-block ratios are all 0 here: output = A
+    common_channels: int | None = None  # inpainting conv_in: merge only the shared input channels
+
+    @property
+    def nbytes_out(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    inputs: list[CheckpointReader | VirtualInput]
+    info: ModelInfo
+    jobs: list[KeyJob]
+    warnings: list[str] = field(default_factory=list)
+    block_values: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def readers(self) -> list[CheckpointReader]:
+        return [r for r in self.inputs if isinstance(r, CheckpointReader)]
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        largest = 0
+        for job in self.jobs:
+            n = 1
+            for d in job.shape:
+                n *= d
+            largest = max(largest, n)
+        return largest * 4  # fp32 working copy
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def open_inputs(models: Sequence[str]) -> list[CheckpointReader | VirtualInput]:
+    """Open every model reference, collecting every unreadable file into one error."""
+    opened: list[CheckpointReader | VirtualInput] = []
+    problems: list[str] = []
+    for ref in models:
+        parsed = parse_model_ref(ref)
+        if isinstance(parsed, VirtualInput):
+            opened.append(parsed)
+            continue
+        try:
+            opened.append(open_checkpoint(parsed))
+        except MergeError as exc:
+            problems.append(str(exc))
+    if problems:
+        for r in opened:
+            if isinstance(r, CheckpointReader):
+                r.close()
+        raise CorruptFileError("; ".join(problems))
+    return opened
+
+
+def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]) -> MergePlan:
+    method = get_method(recipe.method)
+    if recipe.blocks not in BLOCK_POLICIES:
+        raise BadParameterError(
+            f"block policy {recipe.blocks!r} is unknown; choose one of {', '.join(BLOCK_POLICIES)}"
+        )
+    method.check_model_count(len(inputs))
+    params = method.resolve_params(recipe.params)
+    out_dtype = output_dtype(recipe.dtype)
+    for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
+        if value is not None:
+            params[name] = method.param(name).coerce(value, method.name)
+    if recipe.weights is not None and "alpha" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no per-block ratio; drop --weights")
+    if recipe.beta_weights is not None and "beta" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no β; drop the beta weights")
+
+    template = inputs[0]
+    if not isinstance(template, CheckpointReader):
+        raise BadParameterError("model A must be a checkpoint file, not a virtual input (noise/zero)")
+    readers = [(i, r) for i, r in enumerate(inputs) if isinstance(r, CheckpointReader)]
+    labels = [_label(i, r) for i, r in enumerate(inputs)]
+
+    infos = {}
+    problems: list[str] = []
+    for i, reader in readers:
+        try:
+            infos[i] = detect_architecture(reader.shapes(), reader.metadata, source=str(reader.path))
+        except MergeError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ArchitectureMismatchError("; ".join(problems))
+    arch = infos[0].arch
+    odd = [f"{labels[i]} is {info.arch.label}" for i, info in infos.items() if info.arch.name != arch.name]
+    if odd:
+        raise ArchitectureMismatchError(
+            f"cannot merge {arch.label} model A ({template.path.name}) with: {', '.join(odd)}; "
+            "pick models of one architecture"
+        )
+    warnings: list[str] = []
+    block_names = arch.blocks
+    alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
+    beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
+
+    # Shapes and key sets, checked for every model before reading any data.
+    a_infos = template.infos
+    shape_problems: list[str] = []
+    missing_by_model: dict[int, list[str]] = {}
+    conv_in_channels: dict[int, int] = {}
+    for i, reader in readers[1:]:
+        missing = [k for k in a_infos if k not in reader.infos]
+        if missing:
+            missing_by_model[i] = missing
+        for key, a_info in a_infos.items():
+            other = reader.infos.get(key)
+            if other is None or other.shape == a_info.shape:
+                continue
+            if key == INPAINT_CONV_IN and len(other.shape) == 4 and other.shape[0] == a_info.shape[0] \
+                    and other.shape[2:] == a_info.shape[2:]:
+                conv_in_channels[i] = other.shape[1]
+                continue
+            if key_kind(key, a_info.dtype, a_info.shape) == "merge":
+                shape_problems.append(f"{key}: A {list(a_info.shape)} vs {labels[i]} {list(other.shape)}")
+    if shape_problems:
+        more = f" (+{len(shape_problems) - 5} more)" if len(shape_problems) > 5 else ""
+        raise ArchitectureMismatchError(
+            f"shapes differ between the models: {'; '.join(shape_problems[:5])}{more}; "
+            "these models have different layouts and cannot be merged"
+        )
+    for i, missing in missing_by_model.items():
+        warnings.append(
+            f"{labels[i]} lacks {len(missing)} key(s) of A (e.g. {missing[0]}); those keys are copied from A"
+        )
+    if conv_in_channels:
+        warnings.append(
+            "inpainting and normal models mixed: conv_in merges the shared "
+            f"{min(list(conv_in_channels.values()) + [a_infos[INPAINT_CONV_IN].shape[1]])} input channels; "
+            "the rest are taken from A"
+        )
+    if out_dtype == torch.float16 and any(
+        info.dtype == "BF16" for _, r in readers for info in r.infos.values()
+    ):
+        warnings.append("bf16 input saved as fp16: values beyond ±65504 would overflow; use --dtype bf16 to keep the range")
+
+    jobs: list[KeyJob] = []
+    identity_params = [p for p in method.block_params if p in params]
+    for key, a_info in sorted(a_infos.items(), key=lambda kv: kv[1].offset):
+        kind = key_kind(key, a_info.dtype, a_info.shape)
+        if kind == "drop":
+            continue
+        block = block_of(arch, key, recipe.blocks)
+        if kind == "copy" or any(key in m for m in missing_by_model.values()):
+            jobs.append(KeyJob(key, "copy", block, a_info.shape, a_info.torch_dtype, {}, (0,)))
+            continue
+        key_params = dict(params)
+        if "alpha" in key_params:
+            key_params["alpha"] = alpha_blocks[block]
+        if "beta" in key_params:
+            key_params["beta"] = beta_blocks[block]
+        identity = bool(identity_params) and all(key_params[p] == 0 for p in identity_params) \
+            and method.name in IDENTITY_AT_ZERO
+        common = None
+        if key == INPAINT_CONV_IN and conv_in_channels:
+            common = min(list(conv_in_channels.values()) + [a_info.shape[1]])
+        sources = (0,) if identity else tuple(range(len(inputs)))
+        jobs.append(KeyJob(key, "merge", block, a_info.shape, out_dtype, key_params, sources, identity, common))
+
+    plan = MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings)
+    if alpha_blocks:
+        plan.block_values["alpha"] = alpha_blocks
+    if beta_blocks:
+        plan.block_values["beta"] = beta_blocks
+    return plan
+
+
+# Methods whose result is exactly A when every per-block ratio is 0: those keys skip reading B.
+IDENTITY_AT_ZERO = frozenset({"weighted_sum", "add_difference", "train_difference", "triple_sum", "sum_twice", "slerp"})
+
+
+def _label(index: int, ref: CheckpointReader | VirtualInput) -> str:
+    letter = chr(ord("A") + index) if index < 26 else f"#{index + 1}"
+    name = ref.path.name if isinstance(ref, CheckpointReader) else ref.spec
+    return f"{letter} ({name})"
+
+
+def model_label(index: int, ref: CheckpointReader | VirtualInput) -> str:
+    return _label(index, ref)
+
+
