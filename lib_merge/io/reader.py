@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,16 @@ class SafetensorsReader(CheckpointReader):
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             raise CorruptFileError(f"{self.path}: file not found; check the path or the models folder") from None
+        except IsADirectoryError:
+            raise CorruptFileError(f"{self.path}: is a folder, not a checkpoint file") from None
+        except OSError as exc:
+            raise CorruptFileError(f"{self.path}: cannot open ({exc.strerror}); check its permissions") from None
         self._lock = threading.Lock()
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptFileError(f"{self.path}: is not a regular file; give the path of a checkpoint")
+            self.file_size = st.st_size
             self.infos, self.metadata, self.data_start = _parse_header(self._fd, self.file_size, self.path)
         except BaseException:
             os.close(self._fd)
