@@ -108,7 +108,9 @@ class SafetensorsReader(CheckpointReader):
             self.file_size = st.st_size
             self.infos, self.metadata, self.data_start = _parse_header(self._fd, self.file_size, self.path)
         except BaseException:
-            os.close(self._fd)
+            # close() also forgets the fd: a bare os.close here let __del__ close the same number
+            # again later, by then possibly another reader's file
+            self.close()
             raise
 
     def get(self, key: str) -> torch.Tensor:
@@ -186,7 +188,10 @@ def _parse_header(fd: int, file_size: int, path: Path) -> tuple[dict[str, Tensor
         except (KeyError, TypeError, ValueError):
             raise CorruptFileError(f"{path}: header entry for {key!r} is malformed; the file is corrupt") from None
         if code not in CODE_TO_TORCH:
-            raise CorruptFileError(f"{path}: tensor {key!r} has unsupported dtype {code!r}")
+            raise CorruptFileError(
+                f"{path}: tensor {key!r} has unsupported dtype {code!r}; the file is corrupt or uses a "
+                "format this torch build cannot read — re-save it as fp16/bf16/fp32 safetensors"
+            )
         if any(d < 0 for d in shape) or begin < 0 or end < begin:
             raise CorruptFileError(f"{path}: tensor {key!r} has an invalid shape or offsets; the file is corrupt")
         numel = 1
@@ -203,7 +208,7 @@ def _parse_header(fd: int, file_size: int, path: Path) -> tuple[dict[str, Tensor
                 f"{file_size}; re-download or re-save it"
             )
         infos.append(TensorInfo(key, shape, code, data_start + begin, end - begin))
-    infos.sort(key=lambda i: i.offset)
+    infos.sort(key=lambda i: (i.offset, i.nbytes))  # an empty tensor may share the next one's offset
     for prev, cur in zip(infos, infos[1:]):
         if cur.offset < prev.offset + prev.nbytes:
             raise CorruptFileError(f"{path}: tensors {prev.key!r} and {cur.key!r} overlap; the file is corrupt")

@@ -46,9 +46,11 @@ class _Inert:
 def _numpy_allowed(module: str, name: str) -> object | None:
     # global_step is sometimes a numpy scalar: reconstructing one needs numpy's scalar + dtype
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
-        import numpy
-
-        return numpy.core.multiarray.scalar if hasattr(numpy, "core") else numpy._core.multiarray.scalar
+        try:  # numpy >= 2 (touching numpy.core there warns DeprecationWarning)
+            from numpy._core.multiarray import scalar
+        except ImportError:
+            from numpy.core.multiarray import scalar
+        return scalar
     if module == "numpy" and name == "dtype":
         import numpy
 
