@@ -1,0 +1,132 @@
+"""A host-free CFG denoiser that runs a ``GuidanceStack``: the reference for the host adapters.
+
+It does what an adapter does inside the host's sampler loop: plan the step, build one batched
+forward with explicit rows ``[c…, u…, c_pag…, c_seg…]``, point the attention hooks at their rows,
+split the output by role, and combine. With ``batched=False`` it runs one forward per role
+instead (for benchmarks and equivalence tests). It is a k-diffusion-style model
+``D = denoiser(x, sigma)`` and carries ``cfgpp_state`` for the CFG++ samplers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .cfg import CondRows, CondsList
+from .hooks import install_attention_perturbations, install_freeu
+from .stack import GuidanceStack, StepPlan
+
+
+def _rows_of_cond(cond: Any, index: torch.Tensor) -> Any:
+    if isinstance(cond, dict):
+        return {k: v[index] for k, v in cond.items()}
+    return cond[index]
+
+
+def _cat_conds(parts: list) -> Any:
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _n_rows(cond: Any) -> int:
+    return next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
+
+
+class GuidedDenoiser:
+    """``denoiser(x, sigma) -> D`` for an image batch, guided by ``stack``; call ``close()`` when done."""
+
+    def __init__(
+        self,
+        inner: Callable[..., torch.Tensor],
+        stack: GuidanceStack,
+        *,
+        diffusion_model: nn.Module,
+        cond: Any,
+        uncond: Any,
+        conds_list: CondsList | None = None,
+        batched: bool = True,
+        model_channels: int | None = None,
+    ):
+        self.inner = inner
+        self.stack = stack
+        self.cond, self.uncond, self.conds_list = cond, uncond, conds_list
+        self.n_cond, self.n_uncond = _n_rows(cond), _n_rows(uncond)
+        self.rows = CondRows(conds_list, self.n_cond, self.n_uncond)
+        self.batched = batched
+        self.step = 0
+        self.rows_per_step: list[int] = []
+        self.forwards_per_step: list[int] = []
+        s = stack.settings
+        self._perturb = None
+        if stack.pag_on or stack.seg_on:
+            self._perturb = install_attention_perturbations(
+                diffusion_model, pag_rows=None, seg_rows=None,
+                pag_layers=s.pag_layers if stack.pag_on else "", seg_layers=s.seg_layers if stack.seg_on else "",
+                seg_sigma=s.seg_sigma, latent_hw=(1, 1),
+            )
+        self._freeu = None
+        if stack.freeu_on:
+            channels = model_channels or diffusion_model.model_channels
+            self._freeu = install_freeu(
+                diffusion_model, s, model_channels=channels, active=lambda: self.stack.freeu_active(self.step)
+            )
+
+    @property
+    def cfgpp_state(self):
+        return self.stack.cfgpp_state
+
+    def _role_inputs(self, role: str, x: torch.Tensor):
+        if role == "uncond":
+            return x, self.uncond
+        # Cond rows (and their perturbed copies) take the latent of the image they belong to.
+        return self.rows.per_row(x), self.cond
+
+    def _forward(self, roles: tuple[str, ...], x: torch.Tensor, sigma: torch.Tensor, plan: StepPlan) -> dict[str, torch.Tensor]:
+        xs, sigmas, conds = [], [], []
+        for role in roles:
+            x_r, c_r = self._role_inputs(role, x)
+            xs.append(x_r)
+            sigmas.append(self.rows.per_row(sigma) if role != "uncond" else sigma)
+            conds.append(c_r)
+        sub = StepPlan(step=plan.step, roles=roles, cfg_scale=plan.cfg_scale, host_cfg_scale=plan.host_cfg_scale)
+        rows = sub.rows(self.n_cond, self.n_uncond)
+        if self._perturb is not None:
+            self._perturb.set_latent_hw(tuple(x.shape[-2:]))
+            self._perturb.set_rows(pag_rows=rows.get("pag"), seg_rows=rows.get("seg"), batch_size=sum(t.shape[0] for t in xs))
+        out = self.inner(torch.cat(xs), torch.cat(sigmas), cond=_cat_conds(conds))
+        self.rows_per_step[-1] += out.shape[0]
+        self.forwards_per_step[-1] += 1
+        return {role: out[r] for role, r in rows.items()}
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_extra) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        plan = self.stack.plan(self.step)
+        self.rows_per_step.append(0)
+        self.forwards_per_step.append(0)
+        if self.batched:
+            outs = self._forward(plan.roles, x, sigma, plan)
+        else:
+            outs = {}
+            for role in plan.roles:
+                outs.update(self._forward((role,), x, sigma, plan))
+        denoised = self.stack.combine(
+            plan, self.step, x=x, sigma=sigma, d_cond=outs["cond"], d_uncond=outs.get("uncond"),
+            d_pag=outs.get("pag"), d_seg=outs.get("seg"), conds_list=self.conds_list,
+        )
+        self.step += 1
+        return denoised
+
+    def close(self) -> None:
+        for handle in (self._perturb, self._freeu):
+            if handle is not None:
+                handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

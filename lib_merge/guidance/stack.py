@@ -1,0 +1,199 @@
+"""The guidance stack: which U-Net passes a step needs, and how their predictions combine.
+
+Per step, ``plan(step)`` names the passes (roles) out of ``("cond", "uncond", "pag", "seg")`` and
+gives explicit row ranges of one batched forward: cond rows first (one per ``AND`` sub-prompt),
+then the uncond rows, then a copy of the cond rows for each perturbed pass. Roles are never
+inferred from "halves" of a batch. ``combine(...)`` then computes, in D (x0) space::
+
+    Δ     = Σ_k α_k (D_c,k − D_u)                       per image, α_k the AND weights
+    D     = D_u + w·Δ + s_pag·Σ_k α_k (D_c,k − D_pag,k) + s_seg·Σ_k α_k (D_c,k − D_seg,k)
+    D     ← dynamic_threshold(D, mimic target D_u + m·Δ)        if enabled
+    D     ← cfg_rescale(D, D̄_c = D_u + Δ, φ, space "v")         if enabled
+
+With SANF the CFG term and the PAG term are fused per element instead of added (SEG stays
+additive). Under CFG++, w is λ and ``cfgpp_state`` receives D_u for the sampler's renoise step.
+When the uncond pass was skipped, each image's D_u is the weight-normalised mean of its
+sub-prompt predictions (with one sub-prompt: D_u = D_c, so the CFG term vanishes); with ``AND``
+weights that do not sum to 1 that differs from running it, so pass ``force_uncond=True`` to
+``plan`` for such prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BadParameterError
+from .cfg import CondRows, CondsList
+from .cfgpp import CfgppState
+from .dynthres import DynThresholdConfig, dynamic_threshold
+from .rescale import RESCALE_SPACE, cfg_rescale
+from .sanf import sanf_fuse
+from .settings import GuidanceSettings
+from .window import StepWindow
+
+ROLES = ("cond", "uncond", "pag", "seg")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one sampler step runs and with which scales (all already scheduled for this step)."""
+
+    step: int
+    roles: tuple[str, ...]
+    cfg_scale: float  # w of the CFG term: λ under CFG++, after the dynthres CFG schedule
+    host_cfg_scale: float
+    pag_scale: float = 0.0
+    seg_scale: float = 0.0
+    sanf: bool = False
+    rescale_phi: float = 0.0
+    dynthres: DynThresholdConfig | None = None
+    mimic_scale: float = 0.0
+    cfgpp: bool = False
+    freeu: bool = False
+
+    def rows(self, n_cond: int, n_uncond: int) -> dict[str, slice]:
+        """Row range of each role in the batched forward: cond, uncond, then one cond copy per perturbed pass."""
+        sizes = {"cond": n_cond, "uncond": n_uncond, "pag": n_cond, "seg": n_cond}
+        out, start = {}, 0
+        for role in self.roles:
+            out[role] = slice(start, start + sizes[role])
+            start += sizes[role]
+        return out
+
+    def batch_size(self, n_cond: int, n_uncond: int) -> int:
+        """Rows of the batched forward."""
+        return sum(r.stop - r.start for r in self.rows(n_cond, n_uncond).values())
+
+    @property
+    def is_trivial(self) -> bool:
+        """Only plain CFG at the host's scale: the host's own CFG gives the same D (roles may lack the uncond)."""
+        return (
+            set(self.roles) <= {"cond", "uncond"}
+            and self.rescale_phi == 0
+            and self.dynthres is None
+            and not self.cfgpp
+            and self.cfg_scale == self.host_cfg_scale
+        )
+
+
+class GuidanceStack:
+    """Composes CFG, CFG++, PAG, SEG, SANF, rescale and dynamic thresholding for one sampling pass."""
+
+    def __init__(
+        self,
+        settings: GuidanceSettings,
+        total_steps: int,
+        *,
+        hires: bool = False,
+        cfg_scale: float,
+        untitled_same_cond: bool = False,
+    ):
+        if int(total_steps) < 1:
+            raise BadParameterError(f"total_steps={total_steps!r}: a sampling pass has at least one step")
+        self.settings = settings
+        self.total_steps = int(total_steps)
+        self.hires = hires
+        self.cfg_scale = float(cfg_scale)
+        self.same_cond = untitled_same_cond
+
+        def live(on: bool, in_hires: bool) -> bool:
+            return on and (in_hires or not hires)
+
+        s = settings
+        self.pag_on = live(s.pag_on, s.pag_hires)
+        self.seg_on = live(s.seg_on, s.seg_hires)
+        self.cfgpp_on = live(s.cfgpp_on, s.cfgpp_hires)
+        self.freeu_on = live(s.freeu_enabled, s.freeu_hires)
+        self.rescale_phi = s.rescale_phi if live(s.rescale_on, s.rescale_hires) else 0.0
+        self.dynthres = DynThresholdConfig.from_settings(s) if live(s.dynthres_enabled, s.dynthres_hires) else None
+        self.pag_window = StepWindow(s.pag_start, s.pag_end)
+        self.seg_window = StepWindow(s.seg_start, s.seg_end)
+        self.freeu_window = StepWindow(s.freeu_start, s.freeu_end)
+        self.rescale_space = RESCALE_SPACE
+        self.cfgpp_state = CfgppState()
+
+    def freeu_active(self, step: int) -> bool:
+        """Whether FreeU patches the decoder at ``step``."""
+        return self.freeu_on and self.freeu_window.contains(step, self.total_steps)
+
+    def plan(self, step: int, *, force_uncond: bool = False) -> StepPlan:
+        """Passes and scales of 0-based ``step``; ``force_uncond`` keeps the uncond pass even where it could be skipped."""
+        w = self.settings.cfgpp if self.cfgpp_on else self.cfg_scale
+        mimic = 0.0
+        if self.dynthres is not None:
+            w, mimic = self.dynthres.scales(w, step, self.total_steps)
+        pag = self.pag_on and self.pag_window.contains(step, self.total_steps)
+        seg = self.seg_on and self.seg_window.contains(step, self.total_steps)
+        # With c ≡ u the uncond pass would repeat the cond pass bit for bit; otherwise it is
+        # only skippable when nothing reads D_u (CFG++ renoises with it, dynthres' mimic uses it).
+        if self.same_cond:
+            uncond = False
+        else:
+            uncond = force_uncond or self.cfgpp_on or self.dynthres is not None or w != 1.0
+        roles = ("cond",) + (("uncond",) if uncond else ()) + (("pag",) if pag else ()) + (("seg",) if seg else ())
+        return StepPlan(
+            step=step,
+            roles=roles,
+            cfg_scale=w,
+            host_cfg_scale=self.cfg_scale,
+            pag_scale=self.settings.pag_scale if pag else 0.0,
+            seg_scale=self.settings.seg_scale if seg else 0.0,
+            sanf=self.settings.pag_sanf and pag,
+            rescale_phi=self.rescale_phi,
+            dynthres=self.dynthres,
+            mimic_scale=mimic,
+            cfgpp=self.cfgpp_on,
+            freeu=self.freeu_active(step),
+        )
+
+    def combine(
+        self,
+        plan: StepPlan,
+        step: int,
+        *,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        d_cond: torch.Tensor,
+        d_uncond: torch.Tensor | None,
+        d_pag: torch.Tensor | None = None,
+        d_seg: torch.Tensor | None = None,
+        conds_list: CondsList | None = None,
+    ) -> torch.Tensor:
+        """The guided x0 prediction D for the image batch of ``x`` (see the module docstring for the formula)."""
+        if step != plan.step:
+            raise BadParameterError(f"combine(step={step}) got the plan of step {plan.step}")
+        n_images = x.shape[0]
+        rows = CondRows(conds_list, d_cond.shape[0], n_images)
+        out_dtype = d_cond.dtype
+        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+        d_cond = d_cond.to(work)
+        has_uncond = d_uncond is not None
+        if has_uncond:
+            if d_uncond.shape[0] != n_images:
+                raise BadParameterError(f"d_uncond has {d_uncond.shape[0]} rows for {n_images} images")
+            d_u = d_uncond.to(work)
+        else:
+            d_u = rows.weighted_mean(d_cond)
+
+        delta = rows.weighted_sum(d_cond - rows.per_row(d_u))
+        terms = [plan.cfg_scale * delta]
+        if plan.pag_scale:
+            if d_pag is None:
+                raise BadParameterError("plan includes the 'pag' pass but combine() got no d_pag")
+            terms.append(plan.pag_scale * rows.weighted_sum(d_cond - d_pag.to(work)))
+        # SANF picks between the CFG and PAG terms; without a real uncond there is no CFG term to pick.
+        if plan.sanf and plan.pag_scale and has_uncond:
+            terms = [sanf_fuse(terms[:2])] + terms[2:]
+        if plan.seg_scale:
+            if d_seg is None:
+                raise BadParameterError("plan includes the 'seg' pass but combine() got no d_seg")
+            terms.append(plan.seg_scale * rows.weighted_sum(d_cond - d_seg.to(work)))
+        guided = d_u + sum(terms[1:], terms[0])
+
+        if plan.dynthres is not None:
+            guided = dynamic_threshold(guided, d_u + plan.mimic_scale * delta, plan.dynthres)
+        if plan.rescale_phi:
+            guided = cfg_rescale(guided, d_u + delta, plan.rescale_phi, x=x.to(work), sigma=sigma, space=self.rescale_space)
+        self.cfgpp_state.record(d_u.to(out_dtype))
+        return guided.to(out_dtype)

@@ -1,0 +1,1 @@
+from . import external, sampling  # noqa: F401

@@ -1,0 +1,7 @@
+import traceback
+
+
+def report(message, *, exc_info=False):
+    print(message)
+    if exc_info:
+        traceback.print_exc()

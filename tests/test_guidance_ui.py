@@ -1,0 +1,295 @@
+"""Untitled Guidance controls, infotext write -> paste, legacy keys, API args and X/Y/Z axes (no host)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import types
+
+import pytest
+
+from lib_merge.errors import BadParameterError
+from lib_merge.guidance.settings import GuidanceSettings
+from lib_merge.webui import guidance_ui as ui
+from tests.standins.a1111.modules import infotext_utils as itu  # pure: json and re only
+
+SEED_INFOTEXT = "SEG Blur Sigma: 11, SEG Start Step: 0, SEG End Step: 2048, PAG Active: True, PAG SANF: True, PAG Scale: 1"
+
+EVERYTHING_ON = GuidanceSettings(
+    untitled="gibberish", cfgpp=0.55, cfgpp_hires=False,
+    pag_scale=4.5, pag_sanf=True, pag_start=2.0, pag_end=0.75, pag_layers="OUT00-OUT02, M00", pag_hires=False,
+    seg_scale=2.5, seg_sigma=6.5, seg_start=0.1, seg_end=17.0, seg_layers="IN07,IN08", seg_hires=False,
+    freeu_enabled=True, freeu_version=1, freeu_b1=1.1, freeu_b2=1.25, freeu_s1=0.6, freeu_s2=0.4,
+    freeu_start=1.0 / 3.0, freeu_end=12.0, freeu_hires=False,
+    rescale_phi=0.7, rescale_hires=False,
+    dynthres_enabled=True, dynthres_mimic_scale=4.0, dynthres_threshold_percentile=99.5, dynthres_mimic_mode="Power Up",
+    dynthres_mimic_scale_min=1.5, dynthres_cfg_mode="Cosine Down", dynthres_cfg_scale_min=2.0, dynthres_sched_val=2.5,
+    dynthres_separate_feature_channels=False, dynthres_scaling_startpoint="ZERO", dynthres_variability_measure="STD",
+    dynthres_interpolate_phi=0.3, dynthres_hires=False,
+)
+
+
+def infotext_line(extra: dict) -> str:
+    """create_infotext's join, with A1111's quoting, after a few fixed keys."""
+    params = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 1, "Size": "512x512", **extra}
+    text = ", ".join(k if k == v else f"{k}: {itu.quote(v)}" for k, v in params.items() if v is not None)
+    return f"a prompt\nNegative prompt: ugly\n{text}"
+
+
+def paste(text: str, warn=None) -> dict:
+    params = itu.parse_generation_parameters(text)
+    return ui.parse_infotext_params(params, warn=warn or (lambda m: None))
+
+
+def settings_after_paste(text: str, start=None) -> GuidanceSettings:
+    controls = dict(start or ui.CONTROL_DEFAULTS)
+    controls.update({k: v for k, v in paste(text).items() if v is not None})
+    return ui.settings_from_controls(controls)
+
+
+# ------------------------------------------------------------------------------ infotext keys
+
+def test_every_key_is_accepted_by_a1111s_infotext_regex():
+    key_re = re.compile(r"\w[\w \-/]+")
+    for key in ui.ALL_OUR_KEYS:
+        assert key_re.fullmatch(key), key
+    assert len(set(ui.INFOTEXT_KEYS.values())) == len(ui.INFOTEXT_KEYS)
+
+
+@pytest.mark.parametrize("settings", [
+    EVERYTHING_ON,
+    EVERYTHING_ON.replace(seg_sigma=math.inf, untitled="zero", pag_layers="all", freeu_version=2),
+    GuidanceSettings(untitled="empty", pag_scale=3.0),
+])
+def test_write_then_paste_restores_every_key(settings):
+    extra = {}
+    ui.write_infotext(extra, settings)
+    text = infotext_line(extra)
+    params = itu.parse_generation_parameters(text)
+    for key in extra:
+        assert key in params, key  # each key survives A1111's parser, quoted values included
+    assert settings_after_paste(text) == settings
+
+
+def test_only_active_methods_are_written_and_stale_keys_are_replaced():
+    extra = {"Other": 1}
+    ui.write_infotext(extra, EVERYTHING_ON)
+    ui.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
+    ours = {k for k in extra if k in ui.ALL_OUR_KEYS}
+    assert ours == {ui.INFOTEXT_KEYS[f] for f in ui.METHOD_FIELDS["pag"]}
+    assert extra["Other"] == 1 and extra["UG PAG scale"] == 2.0
+    ui.write_infotext(extra, GuidanceSettings())
+    assert not ({k for k in extra} & ui.ALL_OUR_KEYS)
+    extra = {}
+    ui.write_infotext(extra, GuidanceSettings(rescale_phi=0.5))
+    assert extra[ui.RESCALE_SPACE_KEY] == "v"
+
+
+def test_missing_keys_switch_methods_off_and_keep_sliders():
+    values = paste(infotext_line({}))
+    assert values["untitled"] == "off"
+    for switch in ("cfgpp_enabled", "pag_enabled", "seg_enabled", "freeu_enabled", "rescale_enabled", "dynthres_enabled"):
+        assert values[switch] is False
+    assert "pag_scale" not in values and "freeu_b1" not in values  # left as the user had them
+
+
+# --------------------------------------------------------------------------------- legacy keys
+
+def test_seed_infotext_pastes_into_working_settings():
+    warnings = []
+    values = paste(SEED_INFOTEXT, warn=warnings.append)
+    assert values["pag_enabled"] is True and values["pag_scale"] == 1.0 and values["pag_sanf"] is True
+    assert values["pag_start"] == 0.0 and values["pag_end"] == 2048.0
+    # No "SEG Active" key, but incantations writes SEG keys only while SEG is on.
+    assert values["seg_enabled"] is True and values["seg_sigma_inf"] is True
+    # incantations' SEG acts through CFG: s = w − 1; without a CFG key the paper's default 3.
+    assert values["seg_scale"] == 3.0
+    s = settings_after_paste(SEED_INFOTEXT)
+    assert s.pag_on and s.seg_on and math.isinf(s.seg_sigma) and s.pag_sanf
+    # Inside a full infotext the CFG scale (7) gives s = 6.
+    seed_keys = {k: v for k, v in itu.parse_generation_parameters(SEED_INFOTEXT).items() if k not in ("Prompt", "Negative prompt")}
+    assert settings_after_paste(infotext_line(seed_keys)).seg_scale == 6.0
+    assert not warnings
+
+
+def test_incantations_values_are_parsed_not_presence():
+    # incantations' own paste turns SANF on whenever the key exists; "PAG SANF: False" is always written.
+    s = settings_after_paste(infotext_line({"PAG Active": True, "PAG SANF": False, "PAG Scale": 4, "PAG Start Step": 3, "PAG End Step": 15}))
+    assert s.pag_scale == 4.0 and s.pag_sanf is False and (s.pag_start, s.pag_end) == (3.0, 15.0)
+    assert not settings_after_paste(infotext_line({"PAG Active": False, "PAG Scale": 4})).pag_on
+    seg = settings_after_paste(infotext_line({"SEG Active": True, "SEG Blur Sigma": 3, "SEG Start Step": 1, "SEG End Step": 9}))
+    assert seg.seg_sigma == 8.0 and seg.seg_scale == 6.0 and (seg.seg_start, seg.seg_end) == (1.0, 9.0)
+    assert math.isinf(settings_after_paste(infotext_line({"SEG Active": True, "SEG Blur Sigma": 10.6})).seg_sigma)
+    assert not settings_after_paste(infotext_line({"SEG Active": True, "SEG Blur Sigma": 0})).seg_on
+    assert not settings_after_paste(infotext_line({"SEG Active": False, "SEG Blur Sigma": 11})).seg_on
+
+
+def test_our_keys_win_over_legacy_keys():
+    extra = {"PAG Active": True, "PAG Scale": 9}
+    ui.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
+    assert settings_after_paste(infotext_line(extra)).pag_scale == 2.0
+
+
+def test_sd_webui_freeu_keys():
+    stages = '[{"backbone_factor": 1.2, "skip_factor": 0.9}, {"backbone_factor": 1.4, "skip_factor": 0.2}]'
+    extra = {"FreeU Stages": stages, "FreeU Schedule": "0.0, 1.0, 0.0", "FreeU Version": "2"}
+    text = infotext_line(extra)
+    assert '"FreeU Stages": ' not in text and 'FreeU Stages: "[{' in text  # A1111 quotes it
+    s = settings_after_paste(text)
+    assert s.freeu_enabled and (s.freeu_b1, s.freeu_s1, s.freeu_b2, s.freeu_s2) == (1.2, 0.9, 1.4, 0.2)
+    assert s.freeu_version == 2 and (s.freeu_start, s.freeu_end) == (0.0, 1.0)
+    warnings = []
+    values = paste(infotext_line({"FreeU Stages": '[{"backbone_factor": 1.1, "backbone_width": 0.75}]',
+                                  "FreeU Schedule": "2, 15, 0.5", "FreeU Version": "1"}), warn=warnings.append)
+    # Integer schedule = steps, stop exclusive there and inclusive here; defaults for a missing stage.
+    assert (values["freeu_start"], values["freeu_end"]) == (2.0, 14.0)
+    assert (values["freeu_b1"], values["freeu_b2"], values["freeu_s2"], values["freeu_version"]) == (1.1, 1.0, 1.0, "1")
+    assert any("backbone_width" in w for w in warnings) and any("smoothness" in w for w in warnings)
+
+
+def test_dynamic_thresholding_keys():
+    extra = {"Dynamic thresholding enabled": True, "Mimic scale": 1, "Separate Feature Channels": False,
+             "Scaling Startpoint": "MEAN", "Variability Measure": "AD", "Interpolate Phi": 0.3,
+             "Threshold percentile": 100, "Mimic mode": "Linear Down", "Mimic scale minimum": 0.5,
+             "CFG mode": "Power Up", "CFG scale minimum": 1.5, "Scheduler value": 2}
+    s = settings_after_paste(infotext_line(extra))
+    assert s.dynthres_enabled and s.dynthres_mimic_scale == 1.0 and s.dynthres_separate_feature_channels is False
+    assert (s.dynthres_interpolate_phi, s.dynthres_threshold_percentile) == (0.3, 100.0)
+    assert (s.dynthres_mimic_mode, s.dynthres_mimic_scale_min, s.dynthres_cfg_mode) == ("Linear Down", 0.5, "Power Up")
+    assert (s.dynthres_cfg_scale_min, s.dynthres_sched_val) == (1.5, 2.0)
+    assert not settings_after_paste(infotext_line({**extra, "Dynamic thresholding enabled": False})).dynthres_enabled
+
+
+def test_unreadable_values_leave_the_method_alone():
+    warnings = []
+    values = paste(infotext_line({"UG PAG scale": "lots", "FreeU Stages": "[not json"}), warn=warnings.append)
+    assert values["pag_enabled"] is True and values["pag_scale"] == 3.0  # unreadable -> default, PAG kept on
+    assert "freeu_enabled" not in values and "freeu_b1" not in values
+    assert len(warnings) == 2
+    values = paste(infotext_line({"UG PAG scale": 500}), warn=warnings.append)
+    assert "pag_enabled" not in values and "out of" not in warnings[-1] and "PAG" in warnings[-1].upper()
+
+
+def test_paste_cache_parses_once_per_infotext():
+    calls = []
+    cache = ui.PasteCache(warn=calls.append)
+    params = itu.parse_generation_parameters(SEED_INFOTEXT)
+    getters = [cache.getter(c.name) for c in ui.CONTROLS]
+    values = [g(params) for g in getters]
+    assert values[ui.CONTROL_NAMES.index("pag_scale")] == 1.0
+    assert cache.values(params) is cache.values(dict(params))
+
+
+def test_infotext_fields_are_callable_names_for_send_to():
+    comps = [types.SimpleNamespace(value=c.default) for c in ui.CONTROLS]
+    fields = ui.infotext_fields(comps, ui.PasteCache(warn=lambda m: None))
+    names = ui.send_to_names()
+    for (_, key), name in zip(fields, names):
+        assert callable(key) and key == name and key in names  # "Send to" matches by name, paste calls it
+    pasted = itu.paste_values(fields, itu.parse_generation_parameters(SEED_INFOTEXT))
+    by_name = {c.name: v for c, v in zip(ui.CONTROLS, pasted)}
+    assert by_name["pag_scale"] == {"value": 1.0} and by_name["pag_sanf"] == {"value": True}
+    assert by_name["freeu_enabled"] == {"value": False} and by_name["freeu_b1"] == {}
+
+
+# ------------------------------------------------------------------------------------- API args
+
+def test_api_dict_and_positional_agree():
+    by_name = ui.settings_from_args([{"untitled": "empty", "pag_scale": 3, "seg_scale": 2, "seg_sigma": "inf",
+                                      "freeu_enabled": True, "rescale_phi": 0.7, "dynthres_enabled": True,
+                                      "dynthres_mimic_scale": 5, "cfgpp": 0.5}])
+    positional = [ui.controls_from_settings(by_name)[c.name] for c in ui.CONTROLS]
+    assert ui.settings_from_args(positional) == by_name
+    assert by_name.untitled == "empty" and by_name.pag_scale == 3 and math.isinf(by_name.seg_sigma)
+    assert by_name.cfgpp == 0.5 and by_name.rescale_phi == 0.7 and by_name.dynthres_mimic_scale == 5
+    # A switch alone uses the UI's default scale; a switch off wins over a scale.
+    assert ui.settings_from_args([{"pag_enabled": True}]).pag_scale == 3.0
+    assert not ui.settings_from_args([{"pag_enabled": False, "pag_scale": 4}]).pag_on
+    # A short positional list leaves the rest at their defaults, as A1111 does.
+    assert ui.settings_from_args(["zero"]) == GuidanceSettings(untitled="zero")
+
+
+def test_api_errors_name_the_problem():
+    with pytest.raises(BadParameterError, match="pag_scal"):
+        ui.settings_from_args([{"pag_scal": 3}])
+    with pytest.raises(BadParameterError, match="untitled"):
+        ui.settings_from_args([{"untitled": "nothing"}])
+    with pytest.raises(BadParameterError, match="positional"):
+        ui.settings_from_args([None] * (len(ui.CONTROLS) + 1))
+    with pytest.raises(BadParameterError, match="pag_scale"):
+        ui.settings_from_args([{"pag_scale": "a lot"}])
+
+
+# ---------------------------------------------------------------------------------------- X/Y/Z
+
+def test_axes_cover_every_parameter_and_set_p_attributes():
+    labels = [a.label for a in ui.AXES]
+    assert len(labels) == len(set(labels)) == len(ui.CONTROLS) - 1
+    for name in ("pag_scale", "seg_sigma", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "rescale_phi",
+                 "dynthres_mimic_scale", "untitled", "pag_start", "seg_end", "freeu_end"):
+        assert ui.axis_label(name) in labels
+    axis = next(a for a in ui.AXES if a.label == ui.axis_label("pag_scale"))
+    p = types.SimpleNamespace()
+    axis.apply(p, 2.5)
+    assert p.untitled_guidance_pag_scale == 2.5
+    axis.confirm([0.0, 2.5])
+    with pytest.raises(BadParameterError):
+        axis.confirm([250.0])
+    mode = next(a for a in ui.AXES if a.label == ui.axis_label("untitled"))
+    assert mode.choices() == ["off", "empty", "zero", "gibberish"]
+
+
+def test_p_overrides_switch_their_method_on():
+    p = types.SimpleNamespace(untitled_guidance_pag_scale=2.0, untitled_guidance_freeu_b1=1.5, untitled_guidance_seg_sigma=float("inf"))
+    values = ui.apply_p_overrides(ui.CONTROL_DEFAULTS, p)
+    s = ui.settings_from_controls(values)
+    assert s.pag_scale == 2.0 and s.freeu_enabled and s.freeu_b1 == 1.5
+    assert s.seg_on and s.seg_scale == 3.0 and math.isinf(s.seg_sigma)  # a σ axis plots SEG at the UI's scale
+    p = types.SimpleNamespace(untitled_guidance_freeu_b1=1.5, untitled_guidance_freeu_enabled=False)
+    assert not ui.settings_from_controls(ui.apply_p_overrides(ui.CONTROL_DEFAULTS, p)).freeu_enabled
+
+
+# ---------------------------------------------------------------------------------------- UI
+
+def _fake_gradio():
+    path = os.path.join(os.path.dirname(__file__), "standins", "gradio_fake", "gradio", "__init__.py")
+    spec = importlib.util.spec_from_file_location("fake_gradio_for_ui_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_ui_makes_every_control_in_order():
+    gr = _fake_gradio()
+    comps = ui.build_ui(gr, lambda item: f"ug_{item}")
+    assert [c.elem_id for c in comps] == [f"ug_{c.name}" for c in ui.CONTROLS]
+    assert [c.value for c in comps] == [c.default for c in ui.CONTROLS]
+    assert all(c.label for c in comps)  # the API's script info needs a label per control
+    assert any(isinstance(c, gr.Markdown) and "CFG scale 1" in c.value for c in gr.created)
+    slider = comps[ui.CONTROL_NAMES.index("pag_scale")]
+    assert (slider.minimum, slider.maximum) == (0.0, 20.0)
+
+
+def test_webui_modules_import_without_gradio_or_a_host():
+    """Host modules are imported lazily, inside functions: the adapters load anywhere."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class B(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('gradio', 'modules', 'backend', 'k_diffusion'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, B())\n"
+        "import lib_merge.webui, lib_merge.webui.guidance_ui, lib_merge.webui.xyz, lib_merge.webui.hostdetect\n"
+        "import lib_merge.webui.a1111, lib_merge.webui.forge\n"
+        "from lib_merge.webui import hostdetect\n"
+        "assert hostdetect.adapter().__name__ == 'lib_merge.webui.a1111'\n"
+        "assert lib_merge.webui.a1111.register_samplers() == []\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "CFG++ samplers not registered" in result.stdout
