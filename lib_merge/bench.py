@@ -24,6 +24,11 @@ ALPHA = 0.5
 def run_bench(args) -> int:
     from .synthetic import write_synthetic_checkpoint
 
+    if getattr(args, "many", None):
+        from .bench_many import run_many_bench
+
+        return run_many_bench(args)
+
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     a, b = folder / f"bench_{args.arch}_a.safetensors", folder / f"bench_{args.arch}_b.safetensors"

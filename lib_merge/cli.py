@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_merge merge | inspect | methods | demo | bench``.
+"""Command line: ``python -m lib_merge merge | soup | inspect | methods | demo | bench``.
 
 Every failure the user can fix prints one line ``error: …`` naming the file/key and the fix, and
 exits with status 2; no traceback.
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib_merge",
         description="Stream-merge Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL) block by block.",
+        fromfile_prefix_chars="@",  # `merge @models.txt …`: one argument per line, for 200-model merges
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge checkpoints into a new .safetensors",
         description=f"Merge models A B [C D …] (in that order) into OUT. {ALPHA_NOTE}. Models may also be "
-        "the virtual inputs 'zero' or 'noise(seed=N,scale=S)'.",
+        "the virtual inputs 'zero' or 'noise(seed=N,scale=S)'. Task-vector methods (ties, dare, della, tgmd, dgmla, "
+        "…) take A as the base and B, C, … as its fine-tunes; @FILE reads arguments from FILE, one per line.",
     )
     m.add_argument("models", nargs="*", help="model paths: A B [C D …]")
     m.add_argument("-o", "--output", required=True, help="output .safetensors path")
@@ -49,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (inputs are never overwritten)")
     m.add_argument("--recipe", help="re-run a recipe: a recipe JSON or a checkpoint merged by this tool")
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and output (faster, less metadata)")
+    m.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="cap the working set (e.g. 24G): keys run side by side only while their estimates fit; the plan "
+        "prints the bound before starting",
+    )
+    m.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted merge of OUT from OUT.tmp and OUT.resume (alone with -o, or with the same "
+        "models/recipe); the result is bit for bit that of an uninterrupted run",
+    )
+    m.add_argument(
+        "--resume-file", choices=("auto", "on", "off"), default="auto",
+        help="write OUT.resume so a crash or Ctrl-C can be resumed (auto: when the merge reads ≥ 8 GiB)",
+    )
 
     i = sub.add_parser("inspect", help="architecture and per-block statistics; with B, per-block difference")
     i.add_argument("a")
@@ -56,6 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--blocks", default="supermerger", help="key→block policy")
 
     sub.add_parser("methods", help="list merge methods with their parameters")
+
+    s = sub.add_parser(
+        "soup",
+        help="incremental soups: a pot of running sums; add/remove/reweight read only that one model",
+        description="A pot (a folder) keeps Σ wᵢθᵢ per key in float64 and the ingredient list, so models can be "
+        "added, removed or reweighted without re-reading the others; export writes the weighted average.",
+    )
+    ss = s.add_subparsers(dest="soup_command", required=True)
+    si = ss.add_parser("init", help="create an empty pot")
+    si.add_argument("pot")
+    si.add_argument("--base", help="base model: fixes the architecture and the copied keys; allows export --scale")
+    sa = ss.add_parser("add", help="add one or more models (one pass over the pot)")
+    sa.add_argument("pot")
+    sa.add_argument("models", nargs="+")
+    sa.add_argument("--weight", type=float, default=1.0, help="weight of each added model (default 1)")
+    sr = ss.add_parser("remove", help="subtract models that are in the pot (needs the files)")
+    sr.add_argument("pot")
+    sr.add_argument("models", nargs="+")
+    sw = ss.add_parser("reweight", help="change one ingredient's weight (needs the file)")
+    sw.add_argument("pot")
+    sw.add_argument("model")
+    sw.add_argument("weight", type=float)
+    sh = ss.add_parser("show", help="ingredients, weights, hashes, architecture")
+    sh.add_argument("pot")
+    sh.add_argument("--verify", action="store_true", help="also check every stored byte against its checksum")
+    se = ss.add_parser("export", help="write the weighted average as a checkpoint")
+    se.add_argument("pot")
+    se.add_argument("-o", "--output", required=True)
+    se.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    se.add_argument("--scale", type=float, default=1.0, help="pots with a base: base + scale·(average − base)")
+    se.add_argument("--overwrite", action="store_true")
+    for p in (sa, sr, sw, sh, se):
+        p.add_argument("--threads", type=int)
 
     d = sub.add_parser("demo", help="build small synthetic checkpoints and run example merges (no download)")
     d.add_argument("--dir", default="demo_models", help="folder for the demo models and outputs")
@@ -66,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--skip-baseline", action="store_true", help="skip the whole-model load_file baseline")
     b.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    b.add_argument(
+        "--many", metavar="N[,N…]",
+        help="many-model benchmark instead: N full-size synthetic SD1.5 U-Nets (e.g. 4,8,16): dgmla and soup wall time, "
+        "peak RSS, bytes read, soup add vs re-average, and the DGMLA-216 SDXL projection",
+    )
+    b.add_argument("--max-memory", default="3G", help="--many: working-set cap for dgmla (default 3G)")
     return parser
 
 
@@ -82,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "methods":
             print(describe_methods())
             return 0
+        if args.command == "soup":
+            return _soup(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -110,10 +167,19 @@ def recipe_from_args(args: argparse.Namespace):
         "blocks": args.blocks,
     }
     params = parse_params(args.param)
+    if getattr(args, "resume", False) and not args.recipe and not args.models:
+        from .resume import read_header
+
+        recipe = Recipe.from_dict(read_header(Path(args.output))["recipe"], source=f"{args.output}.resume")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if params:
+            changes["params"] = {**recipe.params, **params}
+        return recipe.replace(**changes)
     if args.recipe:
         recipe = load_recipe(args.recipe)
         if args.models:
-            recipe = recipe.replace(models=tuple(args.models))
+            # other files: the recorded hashes no longer describe them
+            recipe = recipe.replace(models=tuple(args.models), model_hashes=())
         changes = {k: v for k, v in overrides.items() if v is not None}
         if params:
             changes["params"] = {**recipe.params, **params}
@@ -157,27 +223,85 @@ def _merge(args: argparse.Namespace) -> int:
         cancel.set()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    threads, max_memory = args.threads, args.max_memory
+    if args.resume:
+        from .resume import read_header
+
+        header = read_header(Path(args.output))  # same concurrency as the interrupted run unless told
+        threads = threads or header.get("threads")
+        max_memory = max_memory or header.get("max_memory")
     try:
         result = merge(
             recipe,
             args.output,
-            threads=args.threads,
+            threads=threads,
             overwrite=args.overwrite,
             progress=bar.update if bar else None,
             cancel=cancel,
             hash_inputs=not args.no_hash,
             hash_output=not args.no_hash,
             warn=lambda msg: print(f"warning: {msg}", file=sys.stderr),
+            max_memory=max_memory,
+            journal={"auto": None, "on": True, "off": False}[args.resume_file],
+            resume=args.resume,
+            on_plan=lambda text: print(text, flush=True),
         )
+    except MergeError as exc:
+        from .io.writer import temp_path_for
+        from .resume import journal_path
+
+        out = Path(args.output)
+        if journal_path(out).exists() and temp_path_for(out).exists() and "--resume" not in str(exc):
+            print(f"note: progress is kept; `python -m lib_merge merge --resume -o {out}` continues after the fix",
+                  file=sys.stderr)
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar:
             bar.close()
     size = result.bytes_written / 2**30
-    print(f"wrote {result.path} ({size:.2f} GiB) in {result.seconds:.1f} s")
+    resumed = f" (resumed: {result.resumed_keys} keys kept)" if result.resumed_keys else ""
+    print(f"wrote {result.path} ({size:.2f} GiB) in {result.seconds:.1f} s{resumed}")
     if result.sha256:
         print(f"sha256 {result.sha256}")
         print(f"short hash [{result.short_hash}]")
+    return 0
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from .soup import Pot
+
+    command = args.soup_command
+    threads = getattr(args, "threads", None)
+    if command == "init":
+        pot = Pot.init(args.pot, base=args.base)
+        print(pot.describe())
+        return 0
+    pot = Pot(args.pot)
+    if command == "add":
+        added = pot.add(args.models, args.weight, threads=threads)
+        print(f"added {', '.join(a.name for a in added)} (weight {args.weight:g} each)")
+    elif command == "remove":
+        gone = pot.remove(args.models, threads=threads)
+        print(f"removed {', '.join(g.name for g in gone)}")
+    elif command == "reweight":
+        member = pot.reweight(args.model, args.weight, threads=threads)
+        print(f"{member.name}: weight {member.weight:g} → {args.weight:g}")
+    elif command == "show":
+        if args.verify:
+            pot.verify(threads)
+        print(pot.describe())
+        if args.verify:
+            print("  checksums: all stored bytes verified")
+        return 0
+    elif command == "export":
+        path, digest = pot.export(args.output, dtype=args.dtype, scale=args.scale, overwrite=args.overwrite,
+                                  threads=threads)
+        print(f"wrote {path} ({len(pot.ingredients)} ingredients, total weight {pot.total_weight:g})")
+        if digest:
+            print(f"sha256 {digest}")
+        return 0
+    print(pot.describe())
     return 0
 
 

@@ -17,21 +17,24 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import MergeCancelled, NonFiniteError
+from .errors import BadParameterError, MergeCancelled, NonFiniteError, OutputPathError, ResumeError
 from .inputs import VirtualInput
 from .io.hashing import sha256_file, short_hash
 from .io.reader import CheckpointReader
-from .io.writer import SafetensorsWriter
+from .io.writer import SafetensorsWriter, plan_layout, temp_path_for
+from .many import MemoryGate, MemoryPlan, SourceHandle, job_bytes, parse_size, plan_memory, stream_chunk
 from .methods.registry import KeyContext, MethodSpec
+from .methods.sparsify import ChunkContext
 from .plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
 from .recipe import Recipe
+from .resume import AUTO_MIN_BYTES, Journal, journal_path
 
 # Elementwise methods run over flat chunks this size: the fp32 working set of one chunk stays in
 # cache instead of materialising full-size fp32 temporaries (several times faster on 2 cores).
@@ -48,6 +51,8 @@ class MergeResult:
     bytes_read: int
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
+    memory: MemoryPlan | None = None
+    resumed_keys: int = 0  # keys kept from an interrupted run (merge --resume)
 
     @property
     def short_hash(self) -> str | None:
@@ -70,6 +75,10 @@ def merge(
     hash_output: bool = True,
     durable: bool = True,
     warn: Callable[[str], None] | None = None,
+    max_memory: int | str | None = None,
+    journal: bool | None = None,
+    resume: bool = False,
+    on_plan: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Plan and run ``recipe`` into ``output`` (see :func:`execute`)."""
     inputs = open_inputs(recipe.models)
@@ -81,7 +90,8 @@ def merge(
                 warn(message)
         return execute(
             plan, output, threads=threads, overwrite=overwrite, progress=progress, cancel=cancel,
-            hash_inputs=hash_inputs, hash_output=hash_output, durable=durable,
+            hash_inputs=hash_inputs, hash_output=hash_output, durable=durable, max_memory=max_memory,
+            journal=journal, resume=resume, on_plan=on_plan, warn=warn,
         )
     finally:
         for item in inputs:
@@ -100,34 +110,89 @@ def execute(
     hash_inputs: bool = True,
     hash_output: bool = True,
     durable: bool = True,
+    max_memory: int | str | None = None,
+    journal: bool | None = None,
+    resume: bool = False,
+    on_plan: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Run ``plan`` into ``output``. ``durable`` fsyncs the file before the atomic rename, so a
-    crash or power loss can never leave a half-written file under the final name."""
+    crash or power loss can never leave a half-written file under the final name.
+
+    ``max_memory`` (bytes or '24G') caps the working set: keys are admitted while their
+    estimates fit (see ``lib_merge.many``); ``on_plan`` receives the bound before any work.
+    ``journal`` writes a resume file (None: only for runs reading ≥ 8 GiB); on a failure or a
+    cancel the partial file and the resume file are then kept, and ``resume=True`` continues
+    from them — the result is bit for bit that of an uninterrupted run."""
     from .metadata import build_metadata
 
     started = time.perf_counter()
     out_path = Path(output)
-    cancel = cancel or threading.Event()
+    if out_path.suffix.lower() not in (".safetensors", ".sft"):
+        # A1111 and our own reader open .ckpt/.pt with torch.load: safetensors bytes under such a
+        # name would be a file that nothing can load
+        raise OutputPathError(f"{out_path}: merged models are written as safetensors; name the output *.safetensors")
+    if threads is not None and threads < 1:
+        raise BadParameterError(f"threads={threads}: use 1 or more, or leave it out for the default ({default_threads()})")
+    # The caller's event only ever tells us to stop; a failure inside stops the run through our
+    # own flag, so a UI that reuses its Event does not see its next merge "cancelled".
+    cancel = _StopFlag(cancel)
     threads = threads or default_threads()
+    memory = plan_memory(plan, threads, parse_size(max_memory))
+    if on_plan:
+        on_plan(memory.describe(plan))
     hashes = [
         sha256_file(r.path) if hash_inputs and isinstance(r, CheckpointReader) else "" for r in plan.inputs
     ]
+    recorded = plan.recipe.model_hashes
+    if warn and any(hashes) and len(recorded) == len(hashes):
+        for index, (now, then) in enumerate(zip(hashes, recorded)):
+            if now and then and now != then:
+                warn(f"{model_label(index, plan.inputs[index])} is not the file the recipe recorded "
+                     f"(sha256 {now[:10]} vs {then[:10]}); the result will differ from the original merge")
     metadata = build_metadata(plan, hashes, out_path)
+    planned = [(j.key, j.shape, j.out_dtype) for j in plan.jobs]
+    read_total = sum(info.nbytes for r in plan.readers for info in r.infos.values())
+    use_journal = resume or (journal if journal is not None else read_total >= AUTO_MIN_BYTES)
+    stale = journal_path(out_path)
+    if not resume and stale.exists():
+        if not overwrite:
+            raise ResumeError(
+                f"{out_path}: an interrupted merge of this output can be continued — add --resume; "
+                f"or pass --overwrite (or delete {stale.name}) to start over"
+            )
+        stale.unlink()
+    log: Journal | None = None
+    done: set[str] = set()
+    if use_journal:
+        _, header = plan_layout(planned, metadata, out_path)
+        log = Journal(out_path, header, [r.path for r in plan.readers], _absolute_recipe(plan.recipe),
+                      {"threads": threads, "max_memory": memory.budget})
+        if resume:
+            done = log.completed()  # checked before the partial file is touched
     writer = SafetensorsWriter(
         out_path,
-        [(j.key, j.shape, j.out_dtype) for j in plan.jobs],
+        planned,
         metadata,
         inputs=[r.path for r in plan.readers],
         overwrite=overwrite,
         durable=durable,
+        resume=resume,
     )
+    if log is not None:
+        if not writer.resumed:
+            done = set()  # no usable partial file: everything is redone
+        writer.mark_written(done)
+        log.open(keep=resume and writer.resumed)
     total = sum(j.nbytes_out for j in plan.jobs)
     counters = _Counters()
+    counters.written = sum(j.nbytes_out for j in plan.jobs if j.key in done)
     slots = threading.BoundedSemaphore(threads)
+    gate = MemoryGate(memory.budget)
 
     failures: list[BaseException] = []
 
-    def run(job: KeyJob) -> None:
+    def run(job: KeyJob, need: int) -> None:
         try:
             if cancel.is_set():
                 return
@@ -136,43 +201,109 @@ def execute(
                     return
                 writer.write_part(job.key, offset, chunk)
             writer.complete(job.key)
-            done = counters.add_written(job.nbytes_out)
+            if log is not None:
+                log.record(job.key)
+            written = counters.add_written(job.nbytes_out)
             if progress:
-                progress(done, total, job.key)
+                progress(written, total, job.key)
         except BaseException as exc:  # surfaced in the main thread below
             failures.append(exc)
             cancel.set()
         finally:
+            gate.release(need)
             slots.release()
 
+    def tick() -> None:  # runs on the main thread while it waits: keeps the resume file current
+        if log is not None and log.due():
+            log.flush(writer.sync)
+
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lib_merge", initializer=single_threaded_torch)
+    futures = []
     try:
         for job in plan.jobs:
+            if job.key in done:
+                continue
             acquired = False
             while not acquired and not cancel.is_set():
                 acquired = slots.acquire(timeout=0.2)
+                tick()
             if not acquired:
                 break
-            pool.submit(run, job)
+            need = job_bytes(plan, job)
+            if not gate.acquire(need, cancel, tick):
+                slots.release()
+                break
+            futures.append(pool.submit(run, job, need))
+        pending = futures
+        while pending:
+            pending = list(wait(pending, timeout=0.5).not_done)
+            tick()
         pool.shutdown(wait=True)
         if failures:
             raise failures[0]
     except BaseException as exc:
         cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        writer.abort()
+        _stop(writer, log)
         if isinstance(exc, KeyboardInterrupt):
-            raise MergeCancelled(f"{out_path}: merge interrupted; no file was written") from None
+            raise MergeCancelled(_stopped_message(out_path, log, "interrupted")) from None
         raise
     pool.shutdown(wait=True)
     if cancel.is_set():
-        writer.abort()
-        raise MergeCancelled(f"{out_path}: merge cancelled; no file was written")
+        _stop(writer, log)
+        raise MergeCancelled(_stopped_message(out_path, log, "cancelled"))
     writer.finish()
+    if log is not None:
+        log.remove()
     digest = sha256_file(out_path) if hash_output else None
     return MergeResult(
-        out_path, digest, time.perf_counter() - started, counters.read, counters.written, list(plan.warnings)
+        out_path, digest, time.perf_counter() - started, counters.read, counters.written, list(plan.warnings),
+        memory, len(done),
     )
+
+
+class _StopFlag:
+    """Set by failures inside the run; also reads as set when the caller's event is set."""
+
+    def __init__(self, caller: threading.Event | None):
+        self._caller = caller
+        self._own = threading.Event()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._caller is not None and self._caller.is_set())
+
+    def set(self) -> None:
+        self._own.set()
+
+
+def _stop(writer: SafetensorsWriter, log: Journal | None) -> None:
+    """After a failure or a cancel: without a resume file remove the partial output; with one,
+    make what was written durable and keep both for ``merge --resume``."""
+    if log is None:
+        writer.abort()
+        return
+    try:
+        log.flush(writer.sync)
+    except (OSError, OutputPathError):
+        pass  # the last batch is redone on resume
+    writer.keep_partial()
+    log.close()
+
+
+def _stopped_message(out_path: Path, log: Journal | None, how: str) -> str:
+    if log is None:
+        return f"{out_path}: merge {how}; no file was written"
+    return (
+        f"{out_path}: merge {how}; progress kept in {temp_path_for(out_path).name} — "
+        f"`python -m lib_merge merge --resume -o {out_path}` continues it"
+    )
+
+
+def _absolute_recipe(recipe: Recipe) -> dict:
+    from .inputs import parse_model_ref
+
+    models = [m if not isinstance(parse_model_ref(m), str) else str(Path(m).resolve()) for m in recipe.models]
+    return recipe.replace(models=tuple(models), vae=str(Path(recipe.vae).resolve()) if recipe.vae else None).to_dict()
 
 
 def single_threaded_torch() -> None:
@@ -218,14 +349,14 @@ Chunk = tuple[int, torch.Tensor]  # (element offset within the key, flat chunk i
 
 
 class _ThreadBuffers(threading.local):
-    """Per-thread scratch buffers of CHUNK_ELEMENTS, reused for every chunk of every key, so the
+    """Per-thread scratch buffers of one chunk, reused for every chunk of every key, so the
     streaming path allocates nothing and its working set stays in cache."""
 
-    def get(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, slot: int, dtype: torch.dtype, size: int = CHUNK_ELEMENTS) -> torch.Tensor:
         cache = self.__dict__.setdefault("cache", {})
         buf = cache.get((slot, dtype))
-        if buf is None:
-            buf = cache[(slot, dtype)] = torch.empty(CHUNK_ELEMENTS, dtype=dtype)
+        if buf is None or buf.numel() < size:
+            buf = cache[(slot, dtype)] = torch.empty(size, dtype=dtype)
         return buf
 
 
@@ -235,6 +366,10 @@ _buffers = _ThreadBuffers()
 def produce_job(plan: MergePlan, job: KeyJob, counters: _Counters | None = None) -> Iterator[Chunk]:
     """Yield the output of one key as flat chunks. Each chunk is only valid until the next one is
     requested (it may live in a reused buffer): write it, don't keep it."""
+    if job.action == "merge" and not job.identity and job.common_channels is None \
+            and getattr(plan.method.fn, "lazy_inputs", False):
+        yield from _produce_lazy(plan, job, counters)
+        return
     tensors = read_sources(plan, job, counters)
     a = tensors[0]
     if job.action == "copy":
@@ -246,7 +381,8 @@ def produce_job(plan: MergePlan, job: KeyJob, counters: _Counters | None = None)
     ctx = KeyContext(job.key, job.block, plan.recipe.seed)
     method = plan.method
     if job.common_channels is None and method.elementwise:
-        for offset, chunk in _stream_elementwise(method, tensors, job.out_dtype, job.params, ctx):
+        chunk_size = min(CHUNK_ELEMENTS, stream_chunk(len(tensors)))
+        for offset, chunk in _stream_elementwise(method, tensors, job.out_dtype, job.params, ctx, chunk_size):
             if not all_finite(chunk):
                 raise NonFiniteError(_non_finite_message(plan, job, tensors))
             yield offset, chunk
@@ -296,18 +432,21 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _stream_elementwise(
-    method: MethodSpec, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, params: dict, ctx: KeyContext
+    method: MethodSpec, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, params: dict, ctx: KeyContext,
+    chunk_size: int = CHUNK_ELEMENTS,
 ) -> Iterator[Chunk]:
     """Run an elementwise method chunk by chunk through per-thread buffers. With a native kernel
-    and inputs already in the output dtype, no fp32 copy of anything is made."""
+    and inputs already in the output dtype, no fp32 copy of anything is made. Each call gets a
+    ChunkContext whose ``offset`` lets random methods draw by absolute element index, so the
+    chunk size never changes a result."""
     flats = [t.reshape(-1) for t in tensors]
     numel = flats[0].numel()
     native = method.native is not None and out_dtype in (torch.float16, torch.bfloat16) and all(
         t.dtype == out_dtype for t in tensors
     )
-    out_buf = _buffers.get(-1, out_dtype)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
+    out_buf = _buffers.get(-1, out_dtype, chunk_size)
+    for start in range(0, numel, chunk_size):
+        stop = min(start + chunk_size, numel)
         n = stop - start
         out = out_buf[:n]
         if native:
@@ -315,11 +454,50 @@ def _stream_elementwise(
         else:
             ins = []
             for slot, f in enumerate(flats):
-                buf = _buffers.get(slot, torch.float32)[:n]
+                buf = _buffers.get(slot, torch.float32, chunk_size)[:n]
                 buf.copy_(f[start:stop])
                 ins.append(buf)
-            out.copy_(method.fn(*ins, ctx=ctx, **params))
+            chunk_ctx = ChunkContext(ctx.key, ctx.block, ctx.seed, offset=start)
+            out.copy_(method.fn(*ins, ctx=chunk_ctx, **params))
         yield start, out
+
+
+def _produce_lazy(plan: MergePlan, job: KeyJob, counters: _Counters | None) -> Iterator[Chunk]:
+    """Whole-tensor N-model methods: the method gets one handle per input and maps them one at
+    a time; its fp32 result is cast and written through a chunk buffer."""
+    handles = [SourceHandle(plan, index, job.key, counters) for index in job.sources]
+    ctx = KeyContext(job.key, job.block, plan.recipe.seed)
+    result = plan.method.fn(*handles, ctx=ctx, **job.params).reshape(-1)
+    if not all_finite(result):
+        raise NonFiniteError(_non_finite_message_lazy(plan, job, handles))
+    numel = result.numel()
+    if job.out_dtype == torch.float32:
+        yield 0, result
+        return
+    out_buf = _buffers.get(-1, job.out_dtype)
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, numel)
+        out = out_buf[: stop - start]
+        out.copy_(result[start:stop])
+        if not all_finite(out):
+            raise NonFiniteError(
+                f"{job.key}: method {plan.method.name} gives values beyond the range of {job.out_dtype}; "
+                "use --dtype bf16 or fp32"
+            )
+        yield start, out
+
+
+def _non_finite_message_lazy(plan: MergePlan, job: KeyJob, handles: list[SourceHandle]) -> str:
+    culprits = []
+    for index, handle in zip(job.sources, handles):
+        if not all_finite(handle.load()):
+            culprits.append(model_label(index, plan.inputs[index]))
+    if culprits:
+        return (
+            f"{job.key}: NaN/Inf in input {', '.join(culprits)}; that checkpoint is damaged — "
+            "re-download it or leave it out of the merge"
+        )
+    return f"{job.key}: method {plan.method.name} produced NaN/Inf with {job.params}"
 
 
 def apply_method(

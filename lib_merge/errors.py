@@ -53,3 +53,19 @@ class MergeCancelled(MergeError):
 
 class NonFiniteError(MergeError):
     """NaN or Inf found in an input tensor or produced by a method."""
+
+
+class MemoryBudgetError(MergeError, ValueError):
+    """A ``--max-memory`` cap too small for the largest key of the plan (names the key and the need)."""
+
+
+class ResumeError(MergeError):
+    """A resume file that does not belong to this merge (other inputs, recipe or output)."""
+
+
+class SoupError(MergeError, ValueError):
+    """A soup (pot) operation that cannot be done: wrong architecture, not a member, duplicate."""
+
+
+class CorruptPotError(SoupError, CorruptFileError):
+    """A pot whose manifest or sums fail their checks; nothing was changed."""

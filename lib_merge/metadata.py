@@ -69,6 +69,71 @@ def build_metadata(plan: MergePlan, hashes: list[str], output: Path) -> dict[str
     }
 
 
+def build_soup_metadata(pot, output: Path, dtype: str, scale: float) -> dict[str, str]:
+    """Metadata of a soup export: a ``soup`` recipe over the ingredient files (each with its
+    sha256; with ``scale`` ≠ 1 the base first, weighted so that the normalised weights give
+    base + scale·(average − base)), so `merge --recipe OUT` re-runs it from the ingredients; plus
+    the pot's own summary under ``lib_merge_soup``."""
+    from .arch import detect_architecture
+    from .recipe import Recipe
+
+    ingredients = pot.ingredients
+    total = pot.total_weight
+    models = [i.path for i in ingredients]
+    hashes = [i.sha256 for i in ingredients]
+    weights = [scale * i.weight for i in ingredients]
+    if scale != 1.0:
+        base = pot.data["base"]
+        models.insert(0, base["path"])
+        hashes.insert(0, base["sha256"])
+        weights.insert(0, (1.0 - scale) * total)
+    recipe = Recipe(
+        "soup", tuple(models), params={"model_weights": ",".join(repr(w) for w in weights)}, dtype=dtype,
+        model_hashes=tuple(hashes),
+    ).relative_to(output.parent)
+    shapes = {k: tuple(shape) for k, shape, _, _ in pot.layout or []}
+    info = detect_architecture(shapes, source=str(pot.folder))
+    arch = MODELSPEC_ARCH.get(info.arch.name, info.arch.name) + ("/inpaint" if info.inpainting else "")
+    a1111_recipe = {
+        "type": "lib_merge soup",
+        "primary_model_hash": hashes[0],
+        "secondary_model_hash": hashes[1] if len(hashes) > 1 else None,
+        "tertiary_model_hash": hashes[2] if len(hashes) > 2 else None,
+        "interp_method": "soup",
+        "multiplier": None,
+        "save_as_half": dtype == "fp16",
+        "custom_name": "",
+        "config_source": 0,
+        "bake_in_vae": "None",
+        "discard_weights": "",
+        "is_inpainting": info.inpainting,
+        "is_instruct_pix2pix": False,
+    }
+    merge_models = {
+        i.sha256: {"name": i.name, "legacy_hash": legacy_hash(i.path) if Path(i.path).exists() else None,
+                   "sd_merge_recipe": None}
+        for i in ingredients
+    }
+    summary = {
+        "generation": pot.data["generation"],
+        "total_weight": total,
+        "scale": scale,
+        "base": pot.data.get("base"),
+        "ingredients": [{"name": i.name, "sha256": i.sha256, "weight": i.weight} for i in ingredients],
+    }
+    return {
+        "format": "pt",
+        METADATA_KEY: recipe.to_json(),
+        "lib_merge_soup": json.dumps(summary, sort_keys=True),
+        "sd_merge_recipe": json.dumps(a1111_recipe),
+        "sd_merge_models": json.dumps(merge_models),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if info.arch.name == "sdxl" else "https://github.com/Stability-AI/stablediffusion",
+    }
+
+
 def _json_or_none(text: str | None):
     if not text:
         return None

@@ -130,6 +130,15 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
             "pick models of one architecture"
         )
     warnings: list[str] = []
+    seen: dict[str, int] = {}
+    for i, reader in readers if method.variadic else ():
+        real = str(reader.path.resolve())
+        if real in seen:
+            warnings.append(
+                f"{labels[i]} is the same file as {labels[seen[real]]}; it counts twice "
+                "(task-vector methods already count A as the base)"
+            )
+        seen.setdefault(real, i)
     block_names = arch.blocks
     alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
     beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
@@ -140,7 +149,8 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
     missing_by_model: dict[int, list[str]] = {}
     conv_in_channels: dict[int, int] = {}
     for i, reader in readers[1:]:
-        missing = [k for k in a_infos if k not in reader.infos]
+        # keys the merge drops anyway (EMA weights) are not "missing" from a pruned model
+        missing = [k for k, info in a_infos.items() if k not in reader.infos and key_kind(k, info.dtype, info.shape) != "drop"]
         if missing:
             missing_by_model[i] = missing
         for key, a_info in a_infos.items():
@@ -206,7 +216,12 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
 
 
 # Methods whose result is exactly A when every per-block ratio is 0: those keys skip reading B.
-IDENTITY_AT_ZERO = frozenset({"weighted_sum", "add_difference", "train_difference", "triple_sum", "sum_twice", "slerp"})
+IDENTITY_AT_ZERO = frozenset({
+    "weighted_sum", "add_difference", "train_difference", "triple_sum", "sum_twice", "slerp",
+    # task-vector methods: A + α·τ is A at α = 0
+    "task_arithmetic", "ties", "dare", "della", "breadcrumbs", "model_stock", "geometric_median",
+    "ties_soup", "tgmd", "dgmla",
+})
 
 
 def _label(index: int, ref: CheckpointReader | VirtualInput) -> str:

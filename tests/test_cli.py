@@ -344,16 +344,12 @@ def test_ctrl_c_during_merge_leaves_no_file(models, out_dir, capsys, monkeypatch
     assert signal.getsignal(signal.SIGINT) is before
 
 
-@pytest.mark.xfail(strict=True, reason="engine/cli: --threads below 1 reaches threading.BoundedSemaphore and "
-                   "dies with a ValueError traceback instead of a one-line error")
 def test_negative_threads_is_a_one_line_error(models, out_dir, capsys):
     line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "o.safetensors"),
                      "--threads", "-1")
     assert "threads" in line
 
 
-@pytest.mark.xfail(strict=True, reason="cli/writer: -o NAME.ckpt writes safetensors bytes under a pickle "
-                   "suffix; the file then fails to load (lib_merge and A1111 open .ckpt with torch.load)")
 def test_output_must_be_safetensors(models, out_dir, capsys):
     out = out_dir / "merged.ckpt"
     line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out))

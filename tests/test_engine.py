@@ -202,8 +202,6 @@ def test_copy_drop_and_missing_keys(sd1_with_extras, out_dir):
     assert_same_tensors(got, reference_weighted_sum(a, b, "sd1", None, 0.5))
 
 
-@pytest.mark.xfail(strict=True, reason="plan.py counts keys that are dropped anyway (model_ema.*) as "
-                   "'missing from B … copied from A' in the warning")
 def test_missing_key_warning_ignores_dropped_ema_keys(models, out_dir):
     # A is an unpruned checkpoint (with EMA weights), B a pruned one: nothing is really missing.
     A = load_tensors(models.sd1_a)
@@ -479,8 +477,6 @@ def test_nan_in_input_names_key_and_model(models, out_dir):
         assert leftovers(out_dir, out.name) == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine.execute sets the caller's cancel Event when a worker fails, "
-                   "so a UI that reuses its Event sees every later merge 'cancelled'")
 def test_failed_merge_leaves_the_callers_cancel_event_alone(models, out_dir):
     key = "model.diffusion_model.out.2.weight"
     B = load_tensors(models.sd1_b)

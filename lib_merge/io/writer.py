@@ -55,6 +55,29 @@ def check_output_path(path: Path, inputs: Iterable[Path] = (), *, overwrite: boo
         raise OutputPathError(f"{path}: folder {path.parent} does not exist; create it first")
 
 
+def plan_layout(
+    planned: Sequence[tuple[str, Sequence[int], torch.dtype]], metadata: Mapping[str, str] | None, path: Path
+) -> tuple[dict[str, PlannedTensor], bytes]:
+    """Offsets of every planned tensor and the exact header bytes (8-byte length + JSON, padded):
+    a pure function of the plan, so a resumed run can check it before touching any file."""
+    tensors: dict[str, PlannedTensor] = {}
+    for key, shape, dtype in planned:
+        if key in tensors:
+            raise MergeError(f"{path}: key {key!r} planned twice")
+        tensors[key] = PlannedTensor(key, shape, dtype)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    cursor = 0
+    for t in tensors.values():
+        t.offset = cursor
+        header[t.key] = {"dtype": TORCH_TO_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [cursor, cursor + t.nbytes]}
+        cursor += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+    return tensors, len(raw).to_bytes(8, "little") + raw
+
+
 class SafetensorsWriter:
     def __init__(
         self,
@@ -71,24 +94,10 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.tmp_path = temp_path_for(self.path)
         check_output_path(self.path, [Path(p) for p in inputs], overwrite=overwrite)
-        self.tensors: dict[str, PlannedTensor] = {}
-        for key, shape, dtype in planned:
-            if key in self.tensors:
-                raise MergeError(f"{self.path}: key {key!r} planned twice")
-            self.tensors[key] = PlannedTensor(key, shape, dtype)
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        cursor = 0
-        for t in self.tensors.values():
-            t.offset = cursor
-            header[t.key] = {"dtype": TORCH_TO_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [cursor, cursor + t.nbytes]}
-            cursor += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
-        self._header = len(raw).to_bytes(8, "little") + raw
+        self.tensors, self._header = plan_layout(planned, metadata, self.path)
         self.data_start = len(self._header)
-        self.total_size = self.data_start + cursor
+        self.total_size = self.data_start + sum(t.nbytes for t in self.tensors.values())
+        self.resumed = False  # True when an interrupted run's bytes were kept (resume=True)
         self._written: set[str] = set()
         self._lock = threading.Lock()
         self._fd = -1
@@ -103,6 +112,7 @@ class SafetensorsWriter:
             self._fd = os.open(self.tmp_path, flags, 0o644)
             existing = os.fstat(self._fd).st_size
             if resume and existing == self.total_size and os.pread(self._fd, len(self._header), 0) == self._header:
+                self.resumed = True
                 return  # same plan as the interrupted run: keep the bytes already written
             os.ftruncate(self._fd, 0)
             _reserve(self._fd, self.total_size, self.path)
@@ -113,6 +123,17 @@ class SafetensorsWriter:
         except BaseException:
             self._cleanup()
             raise
+
+    @property
+    def header_bytes(self) -> bytes:
+        return self._header
+
+    def sync(self) -> None:
+        """Make every byte written so far durable (the resume file lists keys only after this)."""
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _disk_error(exc, self.path, self.total_size) from None
 
     def mark_written(self, keys: Iterable[str]) -> None:
         """Resume support: declare keys whose bytes are already in the temporary file."""

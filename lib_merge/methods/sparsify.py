@@ -1,0 +1,218 @@
+"""Sparsification of task vectors: random drops (DARE, DELLA's rank-aware keep probabilities),
+magnitude trims (TIES top-k, breadcrumbs' band) — the "optional trim" step of the task-vector core.
+
+Randomness is a pure function of (recipe seed, key, model index, element index): element j of
+a key draws its uniform from block j // RNG_BLOCK, whose generator is seeded by
+hash(seed, key, "keep/<model>#<block>"). So a mask never depends on thread order, on how the
+engine chunks the tensor, or on which other models are in the merge.
+
+Ranks follow sd-mecha (scipy ``rankdata(method="ordinal")``): over the whole tensor, ascending
+|Δ|, ties broken by flat position (the earlier element ranks lower). Non-negative float32 values
+order exactly like their int32 bit patterns, which lets us sort integers (radix sort, 4× faster
+than torch's float sort here) and select thresholds with two 16-bit histograms instead of a sort.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .registry import KeyContext
+
+RNG_BLOCK = 1 << 16
+SMALL_SELECT = 1 << 16  # below this many elements a top-m selection sorts instead of histogramming
+# Column chunk for whole-tensor passes: small enough that temporaries stay in cache.
+PASS_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class ChunkContext(KeyContext):
+    """A KeyContext for one flat chunk of a key: ``offset`` is the chunk's first element index,
+    so random methods draw exactly the numbers the whole-tensor call would draw there."""
+
+    offset: int = 0
+
+
+def chunk_offset(ctx: KeyContext) -> int:
+    return int(getattr(ctx, "offset", 0))
+
+
+def uniforms(ctx: KeyContext, salt: str, offset: int, n: int) -> torch.Tensor:
+    """U[0, 1) float32 draws for elements ``offset … offset+n-1`` of ``ctx.key`` (see module doc).
+
+    Only the prefix of a block that is needed is generated: torch's CPU generator fills a tensor
+    serially, so ``rand(k)`` is the first k values of ``rand(RNG_BLOCK)`` (a test checks it)."""
+    out = torch.empty(n, dtype=torch.float32)
+    pos = offset
+    end = offset + n
+    while pos < end:
+        block = pos // RNG_BLOCK
+        start = block * RNG_BLOCK
+        stop = min(end, start + RNG_BLOCK)
+        draws = torch.rand(stop - start, generator=ctx.generator(f"{salt}#{block}"), dtype=torch.float32)
+        out[pos - offset: stop - offset] = draws[pos - start:]
+        pos = stop
+    return out
+
+
+def keep_salt(model_index: int) -> str:
+    return f"keep/{model_index}"
+
+
+def chunks(n: int, size: int = PASS_CHUNK) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# -- random drops ------------------------------------------------------------------------------
+def dare_drop_(delta: torch.Tensor, *, ctx: KeyContext, model_index: int, p: float, rescale: bool, offset: int = 0) -> torch.Tensor:
+    """DARE in place on a flat fp32 chunk: keep each entry with probability q = 1 − p (u < q),
+    divide the kept ones by q when ``rescale``. p = 1 drops everything."""
+    q = 1.0 - p
+    if q >= 1.0:
+        return delta
+    if q <= 0.0:
+        return delta.zero_()
+    keep = uniforms(ctx, keep_salt(model_index), offset, delta.numel()) < q
+    delta.mul_(keep)
+    if rescale:
+        delta.div_(q)
+    return delta
+
+
+def della_keep_probabilities(row: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    """q_j = (1 − p) + ε·(r_j/n − (n+1)/(2n)), clamped to [0, 1], r_j the ordinal rank of |Δ_j|
+    over the whole tensor (sd-mecha's window of ±ε/2 around 1 − p). Returns a new float32
+    tensor; peak extra memory ≈ 6 fp32 copies of the row (the radix sort's buffers)."""
+    n = row.numel()
+    keys = row.abs()  # later reused to hold q
+    bits = keys.view(torch.int32)  # |x| ≥ 0: its bit pattern orders like its value
+    order = torch.empty(n, dtype=torch.int64)
+    torch.sort(bits, stable=True, out=(bits, order))
+    q = keys  # the sorted keys are no longer needed; the buffer now receives q in element order
+    for part in chunks(n):
+        ranks = torch.arange(part.start + 1, part.stop + 1, dtype=torch.float64)
+        values = (ranks / n - (n + 1) / (2 * n)).mul_(eps).add_(1.0 - p).clamp_(0.0, 1.0)
+        q[order[part]] = values.to(torch.float32)
+    del order
+    return q
+
+
+def della_drop_(row: torch.Tensor, *, ctx: KeyContext, model_index: int, p: float, eps: float, rescale: bool) -> torch.Tensor:
+    """DELLA (MagPrune) in place on a whole flat fp32 task vector: keep entry j with probability
+    q_j (see :func:`della_keep_probabilities`); with ``rescale`` divide each kept entry by its own
+    q_j, as the DELLA paper does (sd-mecha divides by 1 − p, mergekit matches the L1 norm)."""
+    n = row.numel()
+    if n == 0:
+        return row
+    q = della_keep_probabilities(row, p, eps)
+    salt = keep_salt(model_index)
+    for part in chunks(n, RNG_BLOCK):
+        qs = q[part]
+        keep = uniforms(ctx, salt, part.start, part.stop - part.start) < qs
+        seg = row[part]
+        seg.mul_(keep)
+        if rescale:
+            seg.div_(torch.where(keep, qs, torch.ones_like(qs)))
+    return row
+
+
+# -- magnitude selection -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TopSelection:
+    """Element j is among the m largest |Δ| (by ordinal rank) iff key_j > threshold, or
+    key_j == threshold and j ≥ cut; key = the int32 bit pattern of |Δ_j|."""
+
+    threshold: int
+    cut: int
+
+    def mask(self, row: torch.Tensor, part: slice) -> torch.Tensor:
+        keys = row[part].abs().view(torch.int32)
+        selected = keys > self.threshold
+        if part.stop > self.cut:
+            tail = torch.arange(part.start, part.stop) >= self.cut
+            selected |= (keys == self.threshold) & tail
+        return selected
+
+
+_NONE = TopSelection(threshold=0x7FFFFFFF, cut=1 << 62)
+_ALL = TopSelection(threshold=-1, cut=0)
+
+
+def select_top(row: torch.Tensor, m: int) -> TopSelection:
+    """The m largest |row| entries (ties: later elements first, as ordinal ranks order them),
+    found with two 16-bit histogram passes and one backward scan — no sort, no full-size copy."""
+    n = row.numel()
+    if m <= 0:
+        return _NONE
+    if m >= n:
+        return _ALL
+    if n <= SMALL_SELECT:
+        # small tensors: one sort is cheaper than the histograms' fixed cost; same definition
+        keys, order = torch.sort(row.abs().view(torch.int32), stable=True)
+        return TopSelection(int(keys[n - m]), int(order[n - m]))
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for part in chunks(n):
+        keys = row[part].abs().view(torch.int32)
+        hist += torch.bincount((keys >> 16).to(torch.int64), minlength=1 << 15)
+    high, above = _bucket_of_mth_largest(hist, m)
+    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for part in chunks(n):
+        keys = row[part].abs().view(torch.int32)
+        inside = keys[(keys >> 16) == high]
+        if inside.numel():
+            low_hist += torch.bincount((inside & 0xFFFF).to(torch.int64), minlength=1 << 16)
+    low, above_low = _bucket_of_mth_largest(low_hist, m - above)
+    threshold = (high << 16) | low
+    need = m - above - above_low  # how many of the elements equal to the threshold are kept
+    equal_total = int(low_hist[low])
+    if need >= equal_total:
+        return TopSelection(threshold, 0)
+    # keep the last `need` equal elements: scan chunks from the end
+    remaining = need
+    for start in range((n - 1) // PASS_CHUNK * PASS_CHUNK, -1, -PASS_CHUNK):
+        part = slice(start, min(n, start + PASS_CHUNK))
+        hits = torch.nonzero(row[part].abs().view(torch.int32) == threshold).view(-1)
+        if hits.numel() >= remaining:  # remaining ≥ 1 here: the cut falls inside this chunk
+            return TopSelection(threshold, start + int(hits[hits.numel() - remaining]))
+        remaining -= hits.numel()
+    raise AssertionError("threshold count changed between passes")  # pragma: no cover
+
+
+def _bucket_of_mth_largest(hist: torch.Tensor, m: int) -> tuple[int, int]:
+    """(bucket holding the m-th largest value, number of values in higher buckets)."""
+    from_top = hist.flip(0).cumsum(0)
+    index = int(torch.searchsorted(from_top, torch.tensor([m]), right=False)[0])
+    bucket = hist.numel() - 1 - index
+    above = int(from_top[index - 1]) if index > 0 else 0
+    return bucket, above
+
+
+def trim_top_(row: torch.Tensor, k: float) -> torch.Tensor:
+    """TIES trim in place: keep the round(k·n) largest |Δ| of the whole tensor, zero the rest."""
+    n = row.numel()
+    m = int(k * n + 0.5)
+    if m >= n:
+        return row
+    selection = select_top(row, m)
+    for part in chunks(n):
+        row[part].mul_(selection.mask(row, part))
+    return row
+
+
+def trim_band_(row: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs in place: drop the round(γ·n) largest |Δ| (outliers), then keep the next
+    round(k·n) largest and zero the small rest; if γ + k > 1 fewer outliers are dropped so that
+    round(k·n) entries remain (mergekit's rule)."""
+    n = row.numel()
+    m = int(k * n + 0.5)
+    top = int(gamma * n + 0.5)
+    if top + m > n:
+        top = n - m
+    upper = select_top(row, top + m)
+    outliers = select_top(row, top)
+    for part in chunks(n):
+        keep = upper.mask(row, part) & ~outliers.mask(row, part)
+        row[part].mul_(keep)
+    return row

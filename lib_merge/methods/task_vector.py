@@ -1,0 +1,215 @@
+"""The task-vector core shared by task arithmetic, TIES, DARE, DELLA, breadcrumbs, Model Stock,
+the geometric median and the AstolfoMix pipelines.
+
+Roles: model A is the base; every further model (B, C, …) is a fine-tune with task vector
+Δᵢ = θᵢ − A. Per key the core runs
+    1. Δᵢ = θᵢ − A                     (fp32)
+    2. drop   (DARE / DELLA, random)   then trim (TIES top-k / breadcrumbs band)
+    3. elect a sign per element        (vote = sum: sign Σ wᵢΔᵢ, count: sign Σ sign Δᵢ)
+       and zero every entry that disagrees; a tie elects 0, so every non-zero entry is zeroed
+    4. combine into τ                  (sum Σ wᵢΔᵢ | disjoint mean | Model Stock | geometric median)
+    5. result = A + α·τ                (α per block)
+A method is a configuration of this pipeline (``TaskVectorConfig``). Methods whose steps are all
+elementwise (task_arithmetic, dare, ties_soup) are streamed by the engine chunk by chunk; the
+others need each fine-tune's whole tensor for a key (ranks, thresholds, cosines, the median)
+and hold a P × n fp32 matrix of task vectors — see ``working_copies``.
+
+Inputs may be tensors or engine handles with a ``load()`` method (a lazily mapped tensor), so
+the engine can hand over N inputs while only one is mapped at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import BadParameterError
+from .median import Weiszfeld, geometric_median_rows, row_chunk, serial_torch
+from .registry import KeyContext
+from .sparsify import chunk_offset, chunks, dare_drop_, della_drop_, trim_band_, trim_top_
+
+
+@dataclass(frozen=True)
+class TaskVectorConfig:
+    drop: str = "none"  # none | dare | della
+    p: float = 0.0  # drop rate
+    della_eps: float = 0.0
+    rescale: bool = False
+    trim: str = "none"  # none | top | band
+    k: float = 1.0  # kept fraction
+    gamma: float = 0.0  # breadcrumbs: largest fraction removed
+    vote: str = "none"  # none | sum | count
+    combine: str = "sum"  # sum | mean (disjoint, needs a vote) | stock | median
+    include_base: bool = False  # median: the base counts as one zero task vector
+    median: Weiszfeld = Weiszfeld()
+    cos_eps: float = 1e-6
+
+
+def load(x: Any) -> torch.Tensor:
+    """A tensor, or an engine handle's tensor (mapped only while the caller holds it)."""
+    return x.load() if hasattr(x, "load") else x
+
+
+def parse_task_weights(text: str, count: int, method: str, *, non_negative: bool) -> torch.Tensor:
+    if not str(text).strip():
+        return torch.ones(count, dtype=torch.float64)
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise BadParameterError(f"{method}: task_weights={text!r} must be comma-separated numbers") from None
+    if len(values) != count:
+        raise BadParameterError(
+            f"{method}: task_weights has {len(values)} values for {count} fine-tunes (models B, C, …); give one each"
+        )
+    if non_negative and any(v < 0 for v in values):
+        raise BadParameterError(f"{method}: task_weights={text!r} must be ≥ 0 when signs are elected")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# Temporaries of the chunked passes (P × ~2^18/P values, a handful at a time, plus the random
+# draws of one 2^18 chunk), whatever the size of the key.
+SCRATCH_BYTES = 32 << 20
+
+
+def working_copies(config: TaskVectorConfig, points: int) -> float:
+    """Peak fp32 copies of one key's tensor that the whole-tensor path holds for P task vectors,
+    besides the base and one fine-tune mapped in their storage dtype (the engine adds those):
+    the P × n matrix, plus the result (or the median) — or, while DELLA ranks one row, the sort's
+    buffers (6 copies: |Δ| as int32 keys, int64 order, the radix sort's scratch). Chunk
+    temporaries (a few P × 2^18/P blocks) come on top: ``SCRATCH_BYTES``."""
+    extra = 1
+    if config.drop == "della":
+        extra = 6
+    return points + extra
+
+
+# -- the whole-tensor path -----------------------------------------------------------------------
+def merge_task_vectors(
+    base: Any, models: Sequence[Any], *, ctx: KeyContext, config: TaskVectorConfig, alpha: float, weights: torch.Tensor
+) -> torch.Tensor:
+    """A + α·τ for one key (fp32, A's shape); see the module doc for the steps."""
+    with serial_torch():
+        return _merge(base, models, ctx, config, alpha, weights)
+
+
+def _merge(base: Any, models: Sequence[Any], ctx: KeyContext, config: TaskVectorConfig, alpha: float, weights: torch.Tensor) -> torch.Tensor:
+    a = load(base)
+    shape = tuple(a.shape)
+    n = a.numel()
+    count = len(models)
+    deltas = torch.empty(count, n, dtype=torch.float32)
+    flat_a = a.reshape(-1)
+    for i, source in enumerate(models):
+        t = load(source).reshape(-1)
+        if t.numel() != n:
+            raise BadParameterError(f"{ctx.key}: model {i + 1} has {t.numel()} elements, A has {n}")
+        row = deltas[i]
+        for part in chunks(n):
+            row[part].copy_(t[part]).sub_(flat_a[part])
+        del t  # unmaps the fine-tune before the next one is read
+        _sparsify_(row, ctx, i + 1, config)
+    across = row_chunk(count)  # P × columns blocks of ~2^18 values: the temporaries stay small for any P
+    if config.vote != "none":
+        for part in chunks(n, across):
+            _elect_(deltas[:, part], weights, config.vote)
+    if config.combine == "median":
+        zero = 1.0 if config.include_base else 0.0
+        tau, _ = geometric_median_rows(deltas, weights, zero_weight=zero, params=config.median)
+    elif config.combine == "stock":
+        tau = _model_stock(deltas, config.cos_eps)
+    else:
+        tau = torch.empty(n, dtype=torch.float32)
+        for part in chunks(n, across):
+            tau[part] = _combine(deltas[:, part], weights, config)
+    del deltas
+    for part in chunks(n):
+        tau[part].mul_(alpha).add_(flat_a[part])
+    return tau.view(shape)
+
+
+def _sparsify_(row: torch.Tensor, ctx: KeyContext, model_index: int, config: TaskVectorConfig) -> None:
+    if config.drop == "dare":
+        for part in chunks(row.numel()):
+            dare_drop_(row[part], ctx=ctx, model_index=model_index, p=config.p, rescale=config.rescale, offset=part.start)
+    elif config.drop == "della":
+        della_drop_(row, ctx=ctx, model_index=model_index, p=config.p, eps=config.della_eps, rescale=config.rescale)
+    if config.trim == "top":
+        trim_top_(row, config.k)
+    elif config.trim == "band":
+        trim_band_(row, config.k, config.gamma)
+
+
+def _elect_(block: torch.Tensor, weights: torch.Tensor, vote: str) -> None:
+    """Zero, in place, every entry whose sign differs from the elected one (P × C block)."""
+    signs = torch.sign(block)
+    if vote == "count":
+        tally = signs.sum(dim=0)
+    else:
+        tally = torch.matmul(weights.to(torch.float32), block)
+    block.mul_(signs == torch.sign(tally))
+
+
+def _combine(block: torch.Tensor, weights: torch.Tensor, config: TaskVectorConfig) -> torch.Tensor:
+    w = weights.to(torch.float32)
+    total = torch.matmul(w, block)
+    if config.combine != "mean":
+        return total
+    # disjoint mean: divide by the weight of the models that kept a value here (0 where none did)
+    present = torch.matmul(w, (block != 0).to(torch.float32))
+    return torch.where(present > 0, total / present.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+
+
+def _model_stock(deltas: torch.Tensor, cos_eps: float) -> torch.Tensor:
+    """t·mean(Δᵢ), t = P·cosθ/(1 + (P−1)·cosθ), cosθ the mean cosine over all pairs of task
+    vectors (whole tensors), clamped to [0, 1]."""
+    count, n = deltas.shape
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    across = row_chunk(count)
+    for part in chunks(n, across):
+        block = deltas[:, part].to(torch.float64)
+        gram += block @ block.T
+    norms = gram.diagonal().sqrt()
+    pairs = [
+        float(gram[i, j] / max(float(norms[i] * norms[j]), cos_eps))
+        for i in range(count) for j in range(i + 1, count)
+    ]
+    cos = min(1.0, max(0.0, sum(pairs) / len(pairs))) if pairs else 1.0
+    t = count * cos / (1 + (count - 1) * cos)
+    tau = torch.empty(n, dtype=torch.float32)
+    for part in chunks(n, across):
+        tau[part] = deltas[:, part].sum(dim=0).mul_(t / count)
+    return tau
+
+
+# -- the chunk path (elementwise configurations) -------------------------------------------------
+def merge_chunk(
+    base: torch.Tensor, models: Sequence[torch.Tensor], *, ctx: KeyContext, config: TaskVectorConfig, alpha: float, weights: torch.Tensor
+) -> torch.Tensor:
+    """The same pipeline on matching flat (or whole) chunks, for configurations with no
+    whole-tensor step; ``ctx.offset`` places the chunk for the random draws."""
+    offset = chunk_offset(ctx)
+    block = torch.stack([m.reshape(-1) for m in models]).sub_(base.reshape(-1))
+    if config.drop == "dare":
+        for i in range(block.shape[0]):
+            dare_drop_(block[i], ctx=ctx, model_index=i + 1, p=config.p, rescale=config.rescale, offset=offset)
+    if config.vote != "none":
+        _elect_(block, weights, config.vote)
+    tau = _combine(block, weights, config)
+    return tau.mul_(alpha).add_(base.reshape(-1)).view(base.shape)
+
+
+def is_elementwise(config: TaskVectorConfig) -> bool:
+    return config.drop in ("none", "dare") and config.trim == "none" and config.combine in ("sum", "mean")
+
+
+def lazy_inputs(copies: Callable[[int], float]) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Mark a method as taking engine handles (``load()``) and declare its peak working set in
+    fp32 copies of the key's tensor for N input models; the engine uses both to bound memory."""
+
+    def mark(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        fn.lazy_inputs = True  # type: ignore[attr-defined]
+        fn.working_copies = copies  # type: ignore[attr-defined]
+        return fn
+
+    return mark

@@ -1,0 +1,193 @@
+"""N-model merges through the engine: the stated memory bound (formula, the --max-memory gate,
+and a measured peak against the declared working set), results independent of threads and
+chunking, and recipes that embed and re-run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import lib_merge.engine as engine
+from lib_merge.cli import main
+from lib_merge.errors import BadParameterError, MemoryBudgetError
+from lib_merge.io.reader import open_checkpoint
+from lib_merge.many import job_bytes, parse_size, plan_memory, stream_chunk
+from lib_merge.methods import get_method
+from lib_merge.methods.task_vector import SCRATCH_BYTES
+from lib_merge.plan import open_inputs, plan_merge
+from lib_merge.recipe import METADATA_KEY, Recipe
+
+from _slim import write_slim_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("many")
+    return [str(write_slim_unet(folder / f"m{i}.safetensors", model=i)) for i in range(4)]
+
+
+def merged(recipe: Recipe, out: Path, **kwargs) -> bytes:
+    engine.merge(recipe, out, hash_inputs=False, hash_output=False, durable=False, overwrite=True, **kwargs)
+    return out.read_bytes()
+
+
+def test_results_do_not_depend_on_threads_or_chunks(models, tmp_path, monkeypatch):
+    for method in ("dgmla", "dare", "ties"):
+        recipe = Recipe(method, tuple(models), seed=3)
+        one = merged(recipe, tmp_path / "one.safetensors", threads=1)
+        three = merged(recipe, tmp_path / "three.safetensors", threads=3)
+        assert one == three, method
+    recipe = Recipe("dare", tuple(models), seed=3, params={"vote": "count"})
+    default = merged(recipe, tmp_path / "a.safetensors", threads=2)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 + 512)  # chunks not aligned with the RNG blocks
+    assert merged(recipe, tmp_path / "b.safetensors", threads=2) == default
+
+
+def test_plan_states_the_bound_and_the_formula(models):
+    inputs = open_inputs(models)
+    try:
+        plan = plan_merge(Recipe("dgmla", tuple(models)), inputs)
+        big = max(plan.jobs, key=lambda j: torch.Size(j.shape).numel())
+        n = torch.Size(big.shape).numel()
+        copies = get_method("dgmla").fn.working_copies(4)
+        assert copies == 3 + 6  # P = 3 task vectors + DELLA's sort buffers
+        assert job_bytes(plan, big) == int(copies * 4 * n) + 2 * 2 * n + SCRATCH_BYTES
+        memory = plan_memory(plan, threads=2, budget=None)
+        assert memory.largest_key == big.key and memory.largest_bytes == job_bytes(plan, big)
+        sizes = sorted((job_bytes(plan, j) for j in plan.jobs), reverse=True)
+        assert memory.bound == sizes[0] + sizes[1]
+        text = memory.describe(plan)
+        assert "dgmla over 4 models" in text and "working set ≤" in text and big.key in text
+        capped = plan_memory(plan, threads=8, budget=memory.largest_bytes)
+        assert capped.bound == memory.largest_bytes
+        with pytest.raises(MemoryBudgetError, match=big.key):
+            plan_memory(plan, threads=1, budget=memory.largest_bytes - 1)
+        soup = plan_merge(Recipe("soup", tuple(models)), inputs)
+        assert job_bytes(soup, big) == 4 * 2 * n + 22 * stream_chunk(4) * 4
+    finally:
+        for r in inputs:
+            r.close()
+
+
+def test_max_memory_gate_keeps_keys_in_flight_under_the_cap(models, tmp_path, monkeypatch):
+    inputs = open_inputs(models)
+    plan = plan_merge(Recipe("tgmd", tuple(models)), inputs)
+    cap = plan_memory(plan, 1, None).largest_bytes * 2
+    for r in inputs:
+        r.close()
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0, "keys": 0, "most_keys": 0}
+    produce = engine.produce_job
+
+    def tracking(plan, job, counters=None):
+        need = job_bytes(plan, job)
+        with lock:
+            state["now"] += need
+            state["keys"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            state["most_keys"] = max(state["most_keys"], state["keys"])
+        try:
+            yield from produce(plan, job, counters)
+        finally:
+            with lock:
+                state["now"] -= need
+                state["keys"] -= 1
+
+    monkeypatch.setattr(engine, "produce_job", tracking)
+    lines = []
+    engine.merge(Recipe("tgmd", tuple(models)), tmp_path / "out.safetensors", threads=4, max_memory=cap,
+                 hash_inputs=False, on_plan=lines.append)
+    assert state["peak"] <= cap and state["most_keys"] >= 2
+    assert lines and "capped by --max-memory" in lines[0]
+    with pytest.raises(MemoryBudgetError):
+        engine.merge(Recipe("tgmd", tuple(models)), tmp_path / "x.safetensors", max_memory=4096, hash_inputs=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_measured_peak_stays_within_the_declared_working_set():
+    """One big key per method, each in a forked child of one fresh interpreter: the peak RSS
+    growth while the method runs must stay under copies(N) × 4 bytes × n plus the chunk scratch
+    (the inputs are already resident, as mapped input files would be)."""
+    script = textwrap.dedent("""
+        import json, os, resource, torch
+        from lib_merge.methods import KeyContext, get_method
+        from lib_merge.methods.task_vector import SCRATCH_BYTES
+        torch.set_num_threads(1)
+        n, count = 2_000_000, 5
+        g = torch.Generator().manual_seed(0)
+        models = [torch.randn(n, generator=g).half() for _ in range(count)]
+        for name in ("dgmla", "tgmd", "ties", "model_stock"):
+            spec = get_method(name)
+            params = spec.resolve_params({})
+            spec.fn(*[m[:1000] for m in models], ctx=KeyContext("warm"), **params)  # kernels and allocator warm
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                spec.fn(*models, ctx=KeyContext("k", seed=1), **params)
+                after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                os.write(write, json.dumps([name, after - before, spec.fn.working_copies(count) * 4 * n + SCRATCH_BYTES]).encode())
+                os._exit(0)
+            os.close(write)
+            os.waitpid(pid, 0)
+            print(os.read(read, 1000).decode())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(rows) == 4
+    for name, grew, declared in rows:
+        assert grew <= declared, (name, grew, declared)
+
+
+def test_parse_size():
+    assert parse_size("24G") == 24 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("512m") == 512 << 20
+    assert parse_size(None) is None
+    with pytest.raises(BadParameterError):
+        parse_size("lots")
+    with pytest.raises(BadParameterError, match="unit"):
+        parse_size("64")
+
+
+def test_recipe_embeds_hashes_and_reruns(models, tmp_path, capsys):
+    out = tmp_path / "dgmla.safetensors"
+    assert main([*_args(models), "-o", str(out), "--method", "dgmla", "--seed", "9",
+                 "--param", "della_eps=-0.2", "--alpha", "0.8", "--max-memory", "2G"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("plan: dgmla over 4 models") and "capped by --max-memory 2.00 GiB" in printed
+    with open_checkpoint(out) as reader:
+        recipe = json.loads(reader.metadata[METADATA_KEY])
+    assert recipe["method"] == "dgmla" and recipe["params"] == {"della_eps": "-0.2"} and recipe["seed"] == 9
+    assert len(recipe["model_hashes"]) == 4 and all(len(h) == 64 for h in recipe["model_hashes"])
+    again = tmp_path / "again.safetensors"
+    assert main(["merge", "--recipe", str(out), "-o", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_model_list_from_a_file(models, tmp_path):
+    listing = tmp_path / "models.txt"
+    listing.write_text("\n".join(models) + "\n")
+    out = tmp_path / "soup.safetensors"
+    assert main(["merge", f"@{listing}", "-o", str(out), "--method", "ties_soup", "--no-hash"]) == 0
+    assert out.exists()
+
+
+def _args(models: list[str]) -> list[str]:
+    return ["merge", *models]
+
+
+def test_rerun_warns_when_an_input_is_not_the_recorded_file(models, tmp_path):
+    recorded = ("0" * 64,) + ("",) * 3
+    warnings: list[str] = []
+    engine.merge(Recipe("ties_soup", tuple(models), model_hashes=recorded), tmp_path / "o.safetensors",
+                 warn=warnings.append)
+    assert len(warnings) == 1 and "A (m0.safetensors) is not the file the recipe recorded" in warnings[0]
