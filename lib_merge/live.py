@@ -1,0 +1,690 @@
+"""Live merge: patch the parameters of a loaded torch model in place, block by block, and put
+model A back bit-exactly.
+
+The loaded model holds model A. ``LiveMerge.apply(recipe)`` plans the recipe with the same
+planner as the streaming engine and, for every block whose merge changed since the last apply
+(its weight, the method, a model, a parameter), computes the merged tensors with the engine's own
+kernels (``produce_job``/``compute_job``; the native elementwise kernel straight into the tensor)
+in the recipe's output dtype, exactly as the saved file holds them, and copies them into the model
+in the model's dtype and on its device — so the model holds what loading the saved file would give
+it. Unchanged blocks are not touched (not even rewritten with equal values).
+
+A's original value of a key is copied to CPU the first time the key is patched (from the LoRA
+backup when a LoRA is applied); ``restore()`` writes those copies back, so the model returns to A
+bit-exactly. With a cache limit, originals that equal A's file tensor (checked once, at capture)
+are not kept but re-read from the file. Nothing is placed on the model's device except the tensor
+being written. Inputs are mapped once per session; A's bytes come from the RAM originals where
+they equal the file.
+
+How values reach the model is the ``LiveTarget``'s job: the plain target copies in place; host
+adapters (``lib_merge.webui.host_a1111`` / ``host_forge``) write through the WebUI's own paths so
+LoRA backups stay consistent. Core module: imports only torch and lib_merge.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .arch import detect_architecture
+from .blocks import parse_block_weights
+from .engine import all_finite, compute_job, produce_job, read_sources, single_threaded_torch
+from .errors import BadParameterError, MergeError, NonFiniteError
+from .inputs import VirtualInput, parse_model_ref
+from .io.dtypes import output_dtype
+from .io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
+from .plan import IDENTITY_AT_ZERO, KeyJob, MergePlan, plan_merge
+from .recipe import Recipe
+
+
+
+class LiveMergeError(MergeError):
+    """The live merge cannot run (model changed or unsupported, A is not the loaded model...)."""
+
+
+def _write_context(t: torch.Tensor):
+    # Forge loads its models under inference_mode; in-place writes to inference tensors are only
+    # allowed inside it, and writes to normal tensors must not record autograd history.
+    return torch.inference_mode() if t.is_inference() else torch.no_grad()
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (cast and device move included) in the right grad mode."""
+    with _write_context(dst):
+        dst.copy_(src)
+
+
+def get_attr(root: torch.nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    key: str  # checkpoint key, e.g. model.diffusion_model.input_blocks.1.0.in_layers.0.weight
+    value: torch.Tensor  # on CPU, in the module's dtype (or fp32 for exotic storage)
+    original: bool  # True when ``value`` is A's original (a restore)
+
+
+class LiveTarget:
+    """Maps checkpoint keys onto a loaded model and writes values into it.
+
+    ``modules`` maps a checkpoint-key prefix to the module holding those keys, e.g.
+    ``{"model.diffusion_model.": unet}``. Parameters are resolved by name at every use, because
+    hosts may replace parameter objects (device swaps, LoRA) between two patches.
+    """
+
+    label = "model"
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]):
+        self.modules = dict(modules)
+
+    # -- identity and checks ----------------------------------------------------------------------
+    def identity(self) -> tuple:
+        """Changes when the host swaps the model object (another checkpoint, a reload)."""
+        return tuple((prefix, id(module)) for prefix, module in self.modules.items())
+
+    def check(self) -> None:
+        """Raise ``LiveMergeError`` with one clear sentence when the model cannot be patched."""
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def split(self, key: str) -> tuple[torch.nn.Module, str] | None:
+        for prefix, module in self.modules.items():
+            if key.startswith(prefix):
+                return module, key[len(prefix):]
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every patchable tensor by checkpoint key (parameters and persistent buffers)."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in self.modules.items():
+            for name, t in module.state_dict(keep_vars=True).items():
+                out[prefix + name] = t
+        return out
+
+    def current(self, key: str) -> torch.Tensor:
+        found = self.split(key)
+        if found is None:
+            raise KeyError(key)
+        module, name = found
+        return get_attr(module, name)
+
+    def original(self, key: str) -> torch.Tensor:
+        """The value that represents A for ``key`` right now (hosts consult LoRA backups)."""
+        return self.current(key)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def direct(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The live tensor itself when merged chunks may be streamed straight into it (CPU,
+        contiguous; chunks in ``dtype`` are cast on the way in); None sends values through
+        ``write``. Host targets that must write through the WebUI's own path return None."""
+        if type(self).write is not LiveTarget.write:
+            return None
+        t = self.current(key)
+        if t.device.type == "cpu" and t.is_floating_point() and t.is_contiguous():
+            return t
+        return None
+
+    def write(self, items: Sequence[WriteItem]) -> None:
+        for item in items:
+            copy_into(self.current(item.key), item.value)
+
+
+@dataclass
+class LiveReport:
+    """What one apply/restore did."""
+
+    blocks: list[str] = field(default_factory=list)  # blocks whose keys were written, in order
+    keys: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    skipped_keys: int = 0  # keys of the recipe that are not in the loaded model (applied on save)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.keys:
+            return "nothing to patch: the model already matches"
+        blocks = ", ".join(self.blocks[:8]) + (f" (+{len(self.blocks) - 8} more)" if len(self.blocks) > 8 else "")
+        return f"patched {self.keys} tensors in {len(self.blocks)} block(s) [{blocks}] in {self.seconds * 1000:.0f} ms"
+
+
+def _file_identity(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (str(path),)
+
+
+class LiveMerge:
+    """Runtime merge into the model loaded from ``model_a`` (see the module docstring).
+
+    ``cache_limit_bytes`` bounds the RAM used for A's originals (None = no limit); originals
+    beyond it are re-read from A's file when they are bit-identical to it, and kept otherwise
+    (correctness first). All methods are thread-safe; the caller serialises against generation.
+    """
+
+    def __init__(
+        self,
+        target: LiveTarget,
+        model_a: str | os.PathLike[str],
+        *,
+        cache_limit_bytes: int | None = None,
+        threads: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.target = target
+        self.model_a = Path(model_a)
+        if not self.model_a.is_file():
+            raise LiveMergeError(f"{self.model_a}: model A's file is missing; the live merge needs it to plan and restore")
+        self.cache_limit_bytes = cache_limit_bytes
+        self._log = log or (lambda message: None)
+        self._lock = threading.RLock()
+        self._identity = target.identity()
+        self._originals: dict[str, torch.Tensor | None] = {}  # None: re-read from A's file
+        self._cached_bytes = 0
+        self._applied: dict[str, tuple] = {}  # key -> signature of the merge it holds (absent: A)
+        self._applied_block: dict[str, str] = {}
+        self._readers: dict[str, CheckpointReader] = {}
+        self._plan_cache: tuple[tuple, MergePlan] | None = None
+        self._dirty: set[str] = set()  # keys being written by the current apply (rolled back on failure)
+        self._same_as_file: set[str] = set()  # originals bit-identical to A's file
+        self._block_state: dict[str, tuple | None] = {}  # block -> signature it holds (absent: A)
+        self._jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
+        self._skipped = 0
+        self._capture_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self._model_ids: tuple = ()
+        self._layout_cache: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self.recipe: Recipe | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def is_patched(self) -> bool:
+        return bool(self._applied)
+
+    @property
+    def patched_blocks(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for key in self._applied:
+            seen.setdefault(self._applied_block[key], None)
+        return list(seen)
+
+    @property
+    def original_bytes(self) -> int:
+        return self._cached_bytes
+
+    def matches(self, target: LiveTarget) -> bool:
+        return target.identity() == self._identity
+
+    def _reader(self, path: str) -> CheckpointReader:
+        key = str(Path(path).resolve())
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = MappedReader.open(path)
+        return reader
+
+    def _inputs(self, recipe: Recipe) -> list[CheckpointReader | VirtualInput]:
+        inputs: list[CheckpointReader | VirtualInput] = []
+        for i, ref in enumerate(recipe.models):
+            parsed = parse_model_ref(ref)
+            if isinstance(parsed, VirtualInput):
+                inputs.append(parsed)
+            elif i == 0:
+                inputs.append(_ModelAReader(self._reader(parsed), self))
+            else:
+                inputs.append(self._reader(parsed))
+        return inputs
+
+    def _check_a(self, recipe: Recipe) -> None:
+        a = recipe.models[0] if recipe.models else ""
+        parsed = parse_model_ref(a)
+        same = False
+        if isinstance(parsed, str):
+            try:
+                same = os.path.samefile(parsed, self.model_a)
+            except OSError:
+                same = False
+        if not same:
+            raise LiveMergeError(
+                f"live preview merges into the loaded model, so model A must be the loaded checkpoint "
+                f"{self.model_a.name}; the recipe's A is {Path(str(a)).name or a!r}. Pick the loaded model as A "
+                "(or load A in the WebUI first)"
+            )
+
+    def _check_target(self) -> None:
+        if self.target.identity() != self._identity:
+            raise LiveMergeError(
+                "the loaded model changed since the live merge started (another checkpoint or a reload); "
+                "the live state was dropped — apply again"
+            )
+        self.target.check()
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _plan(self, recipe: Recipe) -> MergePlan:
+        """The planner's plan for this model set / method / parameters / seed (cached: a change of
+        α, β or block weights re-derives only the per-block values, see ``block_parameters``;
+        planning a full SDXL header costs more than patching a block)."""
+        files = tuple(_file_identity(Path(m)) for m in recipe.models if isinstance(parse_model_ref(m), str))
+        skeleton = (recipe.replace(alpha=None, beta=None, weights=None, beta_weights=None), files)
+        cached = self._plan_cache
+        if cached is None or cached[0] != skeleton:
+            if cached is not None and cached[0][1] != files:  # a file changed on disk: map it anew
+                self._close_readers()
+            plan = plan_merge(recipe, self._inputs(recipe))
+            self._plan_cache = (skeleton, plan)
+            self._model_ids = tuple(
+                ref.spec if isinstance(ref, VirtualInput) else _file_identity(ref.path) for ref in plan.inputs
+            )
+            layout = self._layout()
+            by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
+            skipped = 0
+            for job in plan.jobs:
+                if job.action != "merge":
+                    continue
+                found = layout.get(job.key)
+                if found is None or found[0] != tuple(job.shape):
+                    skipped += 1  # not in the loaded model (VAE, text encoders): merged on save only
+                    continue
+                # The recipe's output dtype, as in the saved file: the model then holds exactly
+                # what loading that file would give it (cast on write when its dtype differs).
+                by_block.setdefault(job.block, []).append((job, output_dtype(recipe.dtype)))
+            self._jobs_by_block, self._skipped = by_block, skipped
+            return plan
+        return cached[1]
+
+    def _block_signature(self, plan: MergePlan, params: dict, identity: bool, sources: tuple) -> tuple | None:
+        """What a block holds after this recipe: None for A, else everything its values depend on."""
+        if identity:
+            return None
+        items = tuple(sorted((k, repr(v)) for k, v in params.items()))
+        return (plan.method.name, self._model_ids, plan.recipe.seed, items, sources)
+
+    def _layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if self._layout_cache is None:
+            self._layout_cache = {k: (tuple(t.shape), t.dtype) for k, t in self.target.tensors().items()}
+        return self._layout_cache
+
+    # -- originals --------------------------------------------------------------------------------
+    def _capture(self, key: str) -> None:
+        if key in self._originals:
+            return
+        value = self.target.original(key).detach().to("cpu", copy=True)
+        if value.is_inference():
+            value = value.clone()
+        nbytes = value.numel() * value.element_size()
+        limit = self.cache_limit_bytes
+        with self._capture_lock:
+            over = limit is not None and self._cached_bytes + nbytes > limit
+            if not over:
+                self._cached_bytes += nbytes
+        same = self._equals_file(key, value)
+        if over and same:
+            self._originals[key] = None
+            return
+        if over:
+            with self._capture_lock:
+                self._cached_bytes += nbytes
+        self._originals[key] = value
+        if same:
+            self._same_as_file.add(key)  # merges may read A's bytes from RAM instead of the file
+
+    def _equals_file(self, key: str, value: torch.Tensor) -> bool:
+        try:
+            reader = self._reader(str(self.model_a))
+        except MergeError:
+            return False
+        info = reader.infos.get(key)
+        if info is None or info.shape != tuple(value.shape) or info.torch_dtype != value.dtype:
+            return False
+        return torch.equal(reader.get(key).view(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+
+    def _original_value(self, key: str) -> torch.Tensor:
+        value = self._originals[key]
+        if value is None:
+            value = self._reader(str(self.model_a)).get(key).clone()
+        return value
+
+    # -- apply / restore --------------------------------------------------------------------------
+    def apply(self, recipe: Recipe) -> LiveReport:
+        """Bring the model to ``recipe``, writing only keys whose merge changed. On any error the
+        model is restored to A (never left half-patched) and the error re-raised."""
+        with self._lock:
+            started = time.perf_counter()
+            self._check_a(recipe)
+            self._check_target()
+            plan = self._plan(recipe)
+            per_block, _ = block_parameters(plan, recipe)
+            report = LiveReport(warnings=list(plan.warnings), skipped_keys=self._skipped)
+            work: list[tuple[KeyJob, tuple | None]] = []
+            block_sigs: dict[str, tuple | None] = {}
+            for block, jobs in self._jobs_by_block.items():
+                params, identity, sources = per_block[block]
+                block_sig = self._block_signature(plan, params, identity, sources)
+                block_sigs[block] = block_sig
+                if block_sig == self._block_state.get(block) and not any(j.key in self._dirty for j, _ in jobs):
+                    continue  # the block already holds exactly this: not even rewritten
+                for job, dtype in jobs:
+                    signature = None if block_sig is None else (block_sig, job.common_channels, str(dtype))
+                    if signature != self._applied.get(job.key):
+                        work.append((KeyJob(job.key, job.action, block, job.shape, dtype, dict(params), sources,
+                                            identity, job.common_channels), signature))
+            try:
+                self._run(plan, work, report)
+            except BaseException as exc:
+                try:
+                    self._restore_all()
+                    note = "the model was restored to A"
+                except BaseException as again:  # the model itself is gone: nothing left to protect
+                    self._forget()
+                    note = f"restoring A failed too ({again}); the live state was dropped"
+                if isinstance(exc, MergeError):
+                    raise LiveMergeError(f"live merge failed: {exc}; {note}") from exc
+                raise
+            self._block_state.update(block_sigs)
+            self.recipe = recipe
+            report.seconds = time.perf_counter() - started
+            return report
+
+    def _run(self, plan: MergePlan, work: list, report: LiveReport) -> None:
+        # Block by block, so a failure can be rolled back; within a block the keys are computed on
+        # a few threads (torch single-threaded in each, as the engine does: keys side by side use
+        # the cores better than intra-op threads on small tensors).
+        by_block: dict[str, list] = {}
+        for item in work:
+            by_block.setdefault(item[0].block, []).append(item)
+        pool = self._executor() if len(work) > 1 else None
+        for block, items in by_block.items():
+            if pool is None:
+                results = [self._produce(plan, job, signature) for job, signature in items]
+            else:
+                results = list(pool.map(lambda item: self._produce(plan, *item), items))
+            writes = [w for w in results if w is not None]
+            if writes:
+                self.target.write(writes)
+            for job, signature in items:
+                if signature is None:
+                    self._applied.pop(job.key, None)
+                    self._applied_block.pop(job.key, None)
+                else:
+                    self._applied[job.key] = signature
+                    self._applied_block[job.key] = block
+                self._dirty.discard(job.key)
+                report.keys += 1
+                report.bytes += _numel(job.shape) * torch.empty((), dtype=job.out_dtype).element_size()
+            report.blocks.append(block)
+
+    def _produce(self, plan: MergePlan, job: KeyJob, signature: tuple | None) -> WriteItem | None:
+        """One key: capture A's original, then either stream the merged chunks straight into the
+        model's tensor (plain CPU targets) or return the value for ``target.write``."""
+        self._capture(job.key)
+        direct = self.target.direct(job.key, job.out_dtype)
+        if signature is None:
+            value = self._original_value(job.key)
+            if direct is None:
+                return WriteItem(job.key, value, True)
+            self._dirty.add(job.key)
+            copy_into(direct, value)
+            return None
+        if direct is None:
+            return WriteItem(job.key, compute_job(plan, job), False)
+        self._dirty.add(job.key)
+        flat = direct.view(-1)
+        with _write_context(direct):
+            if direct.dtype != job.out_dtype or not _native_into(plan, job, flat):
+                for offset, chunk in produce_job(plan, job):
+                    flat[offset: offset + chunk.numel()].copy_(chunk.view(-1))
+        return None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lib_merge_live",
+                                            initializer=single_threaded_torch)
+        return self._pool
+
+    def restore(self) -> LiveReport:
+        """Write A's originals back into every patched key (bit-exact)."""
+        with self._lock:
+            started = time.perf_counter()
+            if self._applied and self.target.identity() != self._identity:
+                # The host replaced the model: the patched object is gone, nothing to write back.
+                self._forget()
+                return LiveReport()
+            try:
+                if self._applied:
+                    self.target.check()
+            except LiveMergeError as exc:
+                if "unloaded" in str(exc) or "gone" in str(exc):
+                    self._forget()  # the weights are gone: nothing left to restore
+                    return LiveReport(warnings=[str(exc)])
+                raise
+            report = self._restore_all()
+            report.seconds = time.perf_counter() - started
+            return report
+
+    def _restore_all(self) -> LiveReport:
+        report = LiveReport()
+        keys = list(self._applied) + [k for k in self._dirty if k not in self._applied and k in self._originals]
+        by_block: dict[str, list[str]] = {}
+        for key in keys:
+            by_block.setdefault(self._applied_block.get(key, "?"), []).append(key)
+        pool = self._executor() if len(keys) > 1 else None
+
+        def put_back(key: str) -> WriteItem | None:
+            value = self._original_value(key)
+            direct = self.target.direct(key, value.dtype)
+            if direct is None:
+                return WriteItem(key, value, True)
+            copy_into(direct, value)
+            return None
+
+        for block, block_keys in by_block.items():
+            results = list(pool.map(put_back, block_keys)) if pool is not None else [put_back(k) for k in block_keys]
+            writes = [w for w in results if w is not None]
+            if writes:
+                self.target.write(writes)
+            for k in block_keys:
+                value = self._originals.get(k)
+                self._applied.pop(k, None)
+                self._applied_block.pop(k, None)
+                self._dirty.discard(k)
+                report.keys += 1
+                report.bytes += value.numel() * value.element_size() if value is not None else 0
+            report.blocks.append(block)
+        self._block_state.clear()
+        self.recipe = None
+        return report
+
+    def _forget(self) -> None:
+        self._applied.clear()
+        self._applied_block.clear()
+        self._block_state.clear()
+        self._dirty.clear()
+        self.recipe = None
+
+    def invalidate(self) -> None:
+        """The host reloaded the weights (they are A again, or another model): drop the live state
+        without writing anything."""
+        with self._lock:
+            self._forget()
+            self._originals.clear()
+            self._same_as_file.clear()
+            self._cached_bytes = 0
+            self._layout_cache = None
+            self._plan_cache = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._close_readers()
+
+    def _close_readers(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self._plan_cache = None
+
+
+class MappedReader(CheckpointReader):
+    """A safetensors file mapped once for the whole live session (read-only, private): tensors
+    are views into the mapping, so moving a slider again reads B's block from already-mapped pages
+    instead of mapping and faulting them in anew. Pickled checkpoints fall back to the core reader."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> CheckpointReader:
+        reader = open_checkpoint(path)
+        if not isinstance(reader, SafetensorsReader) or reader.file_size == 0:
+            return reader
+        return cls(reader)
+
+    def __init__(self, reader: "SafetensorsReader"):
+        import mmap
+
+        self._inner = reader
+        self.path, self.infos, self.metadata = reader.path, reader.infos, reader.metadata
+        with open(reader.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._raw = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.infos[key]
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        size = torch.empty((), dtype=info.torch_dtype).element_size()
+        if info.offset % size:
+            return self._inner.get(key)
+        return self._raw[info.offset: info.offset + info.nbytes].view(info.torch_dtype).view(info.shape)
+
+    def close(self) -> None:
+        self._raw = None
+        try:
+            self._map.close()
+        except (BufferError, ValueError):  # a tensor view is still alive: the GC unmaps it later
+            pass
+        self._inner.close()
+
+
+class _ModelAReader(CheckpointReader):
+    """Model A for the planner and the engine: its file's header, and for every key whose
+    original was captured bit-identical to the file, the RAM copy instead of the file's bytes."""
+
+    def __init__(self, reader: CheckpointReader, live: "LiveMerge"):
+        self._reader, self._live = reader, live
+        self.path, self.infos, self.metadata = reader.path, reader.infos, reader.metadata
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._live._same_as_file:
+            value = self._live._originals.get(key)
+            if value is not None:
+                return value
+        return self._reader.get(key)
+
+
+# Chunk of the in-place kernel: big enough that Python's per-chunk work is negligible next to the
+# memory traffic, small enough that the NaN check re-reads the chunk from cache (2 MB in fp16).
+LIVE_CHUNK = 1 << 20
+
+
+def _native_into(plan: MergePlan, job: KeyJob, out: torch.Tensor) -> bool:
+    """The engine's native elementwise kernel (same op, same inputs, hence the same bits as the
+    file) run straight into the model's tensor, chunk by chunk with the engine's NaN/Inf check;
+    False when the engine would take another path for this key."""
+    method = plan.method
+    if job.identity or job.common_channels is not None or not method.elementwise or method.native is None:
+        return False
+    if job.out_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    tensors = read_sources(plan, job)
+    if not all(t.dtype == job.out_dtype for t in tensors):
+        return False
+    flats = [t.reshape(-1) for t in tensors]
+    for start in range(0, out.numel(), LIVE_CHUNK):
+        stop = min(start + LIVE_CHUNK, out.numel())
+        chunk = out[start:stop]
+        method.native(chunk, *[f[start:stop] for f in flats], **job.params)
+        if not all_finite(chunk):
+            bad = [plan.inputs[i] for i, t in zip(job.sources, tensors) if not all_finite(t)]
+            names = ", ".join(getattr(r, "name", str(r)) for r in bad)
+            raise NonFiniteError(
+                f"{job.key}: NaN/Inf in input {names}; that checkpoint is damaged" if bad else
+                f"{job.key}: method {method.name} produced NaN/Inf with {job.params}"
+            )
+    return True
+
+
+def block_parameters(plan: MergePlan, recipe: Recipe) -> tuple[dict[str, tuple[dict, bool, tuple[int, ...]]], dict]:
+    """Per block: (method parameters with α/β resolved for the block, identity?, sources), and
+    the block values — ``plan_merge``'s per-key rules, evaluated once per block."""
+    method = plan.method
+    arch = plan.info.arch
+    params = method.resolve_params(recipe.params)
+    for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
+        if value is not None:
+            params[name] = method.param(name).coerce(value, method.name)
+    if recipe.weights is not None and "alpha" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no per-block ratio; drop the block weights")
+    if recipe.beta_weights is not None and "beta" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no β; drop the beta weights")
+    alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
+    beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
+    identity_params = [p for p in method.block_params if p in params]
+    everything = tuple(range(len(plan.inputs)))
+    per_block: dict[str, tuple[dict, bool, tuple[int, ...]]] = {}
+    for block in arch.blocks:
+        key_params = dict(params)
+        if "alpha" in key_params:
+            key_params["alpha"] = alpha_blocks[block]
+        if "beta" in key_params:
+            key_params["beta"] = beta_blocks[block]
+        identity = bool(identity_params) and all(key_params[p] == 0 for p in identity_params) \
+            and method.name in IDENTITY_AT_ZERO
+        per_block[block] = (key_params, identity, (0,) if identity else everything)
+    block_values: dict[str, dict[str, float]] = {}
+    if alpha_blocks:
+        block_values["alpha"] = alpha_blocks
+    if beta_blocks:
+        block_values["beta"] = beta_blocks
+    return per_block, block_values
+
+
+def replan(plan: MergePlan, recipe: Recipe) -> MergePlan:
+    """``plan`` with α/β and the block weights of ``recipe`` (same models, method, parameters and
+    seed): the per-key rules of ``plan_merge`` applied to the cached jobs."""
+    per_block, block_values = block_parameters(plan, recipe)
+    jobs: list[KeyJob] = []
+    for job in plan.jobs:
+        if job.action != "merge":
+            jobs.append(job)
+            continue
+        key_params, identity, sources = per_block[job.block]
+        jobs.append(KeyJob(job.key, job.action, job.block, job.shape, job.out_dtype, dict(key_params), sources,
+                           identity, job.common_channels))
+    return MergePlan(recipe, plan.method, plan.inputs, plan.info, jobs, list(plan.warnings), block_values)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def arch_of_file(path: str | os.PathLike[str]):
+    """The architecture record of a checkpoint file (header only)."""
+    with open_checkpoint(path) as reader:
+        return detect_architecture(reader.shapes(), reader.metadata, source=str(path)).arch
+
+
+def blocks_touched(report: LiveReport) -> Iterable[str]:
+    return list(report.blocks)

@@ -1,0 +1,405 @@
+"""The Host protocol the Merge Board is built against, and the live-preview session that sits
+between a host's generation hooks, the board and ``lib_merge.live``.
+
+A host (A1111, Forge, the standalone folder host) answers: which checkpoints exist, which one is
+loaded, how to reach the loaded model's weights (a ``LiveTarget``), which lock serialises weight
+mutation against generation, where merged files go, and how to generate a preview image. The
+board never imports ``modules``; the host adapters do, lazily.
+
+Threading: tab handlers take ``host.mutation_lock()`` (A1111/Forge: ``call_queue.queue_lock``)
+around every weight mutation; generation hooks already run under that lock and must never take
+it again (it is not re-entrant), so ``LiveSession.sync`` only takes the session's own lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence
+
+from ..errors import MergeError, OutputPathError
+from ..recipe import Recipe
+
+INFOTEXT_RECIPE = "Merge recipe"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    title: str  # what pickers show (the host's title, e.g. "model.safetensors [0123abcdef]")
+    path: Path
+
+
+@dataclass
+class BoardSettings:
+    """The one settings section: output folder (inside the checkpoint folder), default dtype,
+    worker threads, math device and the RAM cache for A's originals."""
+
+    checkpoint_dir: Path
+    output_subdir: str = ""
+    dtype: str = "fp16"
+    threads: int = 0  # 0 = engine default
+    device: str = "cpu"
+    cache_mb: int = 0  # 0 = keep every original of a patched key in RAM
+
+    @property
+    def output_dir(self) -> Path:
+        return confined_folder(self.checkpoint_dir, self.output_subdir)
+
+    @property
+    def cache_limit_bytes(self) -> Optional[int]:
+        return None if self.cache_mb <= 0 else int(self.cache_mb) * 1024 * 1024
+
+
+@dataclass
+class PreviewRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    cfg_scale: float = 7.0
+    sampler: str = "Euler a"
+
+
+@dataclass
+class PreviewResult:
+    image: Any
+    infotext: str
+
+
+class Host(Protocol):
+    """What the board needs from a WebUI (or from the standalone folder host)."""
+
+    name: str
+    has_sampler: bool
+
+    def checkpoints(self, refresh: bool = False) -> list[Checkpoint]: ...
+
+    def vaes(self) -> list[Checkpoint]: ...
+
+    def loaded_checkpoint(self) -> Optional[Path]: ...
+
+    def live_target(self): ...  # lib_merge.live.LiveTarget or None when no model is loaded
+
+    def mutation_lock(self) -> ContextManager: ...
+
+    def settings(self) -> BoardSettings: ...
+
+    def notes(self) -> list[str]: ...
+
+    def after_save(self, path: Path) -> None: ...
+
+    def run_preview(self, request: PreviewRequest, session: "LiveSession") -> PreviewResult: ...
+
+
+# -- output names -----------------------------------------------------------------------------------
+_BAD_NAME = re.compile(r"[\x00-\x1f<>:\"|?*]")
+
+
+def confined_folder(root: Path, subdir: str) -> Path:
+    """``root/subdir`` where ``subdir`` is a plain relative folder name (no ``..``, no absolute path)."""
+    subdir = (subdir or "").strip()
+    if not subdir:
+        return Path(root)
+    parts = Path(subdir.replace("\\", "/")).parts
+    if os.path.isabs(subdir) or any(p in ("..", "") for p in parts) or re.match(r"^[A-Za-z]:", subdir):
+        raise OutputPathError(
+            f"output folder {subdir!r} must be a folder name inside the checkpoint folder {root} (no '..', no absolute path)"
+        )
+    return Path(root).joinpath(*parts)
+
+
+def output_path(folder: Path, name: str) -> Path:
+    """The save path for a user-typed ``name``: a plain file name inside ``folder``.
+
+    ``..``, absolute paths, path separators and control/reserved characters are rejected, the
+    ``.safetensors`` suffix is added when missing, and the resolved path must stay in ``folder``."""
+    raw = name
+    name = (name or "").strip()
+    if not name:
+        raise OutputPathError("type a name for the merged model (a file name, no folders)")
+    if name.startswith("~") or os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise OutputPathError(f"{raw!r} is an absolute path; type a plain file name — models are saved in {folder}")
+    if ".." in name or name in (".",):
+        raise OutputPathError(f"{raw!r} contains '..'; type a plain file name — models are saved in {folder}")
+    if "/" in name or "\\" in name or os.sep in name:
+        raise OutputPathError(f"{raw!r} contains a path separator; type a plain file name — models are saved in {folder}")
+    if _BAD_NAME.search(name):
+        raise OutputPathError(f"{raw!r} contains characters that cannot be in a file name (<>:\"|?* or control characters)")
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    path = Path(folder) / name
+    try:
+        inside = path.resolve().parent == Path(folder).resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        raise OutputPathError(f"{raw!r} would be written outside {folder}; type a plain file name")
+    return path
+
+
+# -- recipe <-> infotext -------------------------------------------------------------------------------
+def recipe_infotext(recipe: Recipe) -> str:
+    """Compact recipe for an image's infotext: file names instead of paths (JSON; the host quotes it)."""
+    data = recipe.to_dict()
+    data["models"] = [Path(m).name if os.sep in m or "/" in m else m for m in recipe.models]
+    if data.get("vae"):
+        data["vae"] = Path(data["vae"]).name
+    data.pop("model_hashes", None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+# -- the live session ---------------------------------------------------------------------------------
+@dataclass
+class SaveStatus:
+    running: bool = False
+    name: str = ""
+    fraction: float = 0.0
+
+
+class LiveSession:
+    """Board state plus the live merge of the host's loaded model.
+
+    ``board_recipe`` is the board's current recipe (updated by the tab on every change);
+    ``enabled`` is the "Live preview" switch. ``sync(overrides)`` brings the loaded model to the
+    recipe the next generation should see — the board's (when enabled or forced) with X/Y/Z
+    overrides applied — or back to A. It is called from generation hooks (no queue lock) and
+    from the tab (under ``host.mutation_lock()``).
+    """
+
+    def __init__(self, host: Host, log: Callable[[str], None] = print):
+        self.host = host
+        self.log = log
+        self.board_recipe: Optional[Recipe] = None
+        self.enabled = False
+        self.live = None  # lib_merge.live.LiveMerge
+        self.message = ""
+        self.last_recipe: Optional[Recipe] = None  # what the model holds after the last sync
+        self.save = SaveStatus()
+        self._lock = threading.RLock()
+        self._infotext_keys: set[str] = set()
+
+    # -- board side ----------------------------------------------------------------------------------
+    def set_board(self, recipe: Optional[Recipe]) -> None:
+        with self._lock:
+            self.board_recipe = recipe
+
+    def set_enabled(self, enabled: bool) -> None:
+        with self._lock:
+            self.enabled = bool(enabled)
+
+    # -- recipes ---------------------------------------------------------------------------------------
+    def desired(self, overrides: Optional[Mapping[str, Any]] = None, *, force: bool = False) -> Optional[Recipe]:
+        """The recipe the model should hold now, or None for A."""
+        if not overrides and not (self.enabled or force):
+            return None
+        recipe = self.board_recipe
+        if recipe is None:
+            raise MergeError(
+                "the Merge Board has no recipe yet: open the Merge Board tab and pick model B "
+                "(X/Y/Z merge axes vary the board's recipe)"
+            )
+        if overrides:
+            from .xyz_merge import apply_overrides
+
+            recipe = apply_overrides(recipe, overrides, self.host)
+        return recipe
+
+    # -- the model -------------------------------------------------------------------------------------
+    def sync(self, overrides: Optional[Mapping[str, Any]] = None, *, force: bool = False, to_a: bool = False):
+        """Patch (or restore) the loaded model to ``desired(overrides)`` (``to_a``: to model A);
+        returns the LiveReport."""
+        from ..live import LiveMerge, LiveMergeError
+
+        with self._lock:
+            recipe = None if to_a else self.desired(overrides, force=force)
+            self.last_recipe = recipe
+            target = self.host.live_target()
+            if self.live is not None and (target is None or not self.live.matches(target)):
+                # The host swapped or unloaded the model object: the patched one is gone.
+                self.live.invalidate()
+                self.live.close()
+                self.live = None
+            if recipe is None:
+                return self.live.restore() if self.live is not None else None
+            if target is None:
+                raise LiveMergeError(
+                    "no model is loaded in the WebUI; load model A (or generate once) before the live preview"
+                )
+            loaded = self.host.loaded_checkpoint()
+            if loaded is None:
+                raise LiveMergeError("the WebUI does not say which checkpoint is loaded; reload it and try again")
+            if self.live is None:
+                self.live = LiveMerge(target, loaded, cache_limit_bytes=self.host.settings().cache_limit_bytes)
+            try:
+                report = self.live.apply(recipe)
+            except MergeError as exc:
+                self.message = str(exc)
+                raise
+            self.message = report.summary()
+            return report
+
+    # -- generation hooks (already under the host's queue lock: never take it here) ---------------------
+    def before_generation(self, p: Any) -> None:
+        """Bring the model to what this generation should see: the board's merge when live preview
+        is on, plus an X/Y/Z cell's overrides; write the recipe into the infotext. A generation
+        whose loaded model is not the board's A (another checkpoint, a hires-fix checkpoint) is left
+        alone, with one console line."""
+        from .xyz_merge import OVERRIDE_ATTR, infotext_items
+
+        overrides = getattr(p, OVERRIDE_ATTR, None) or None
+        params = getattr(p, "extra_generation_params", None)
+        if params is not None:  # X/Y/Z cells share this dict: clear what an earlier cell wrote
+            for key in self._infotext_keys:
+                params.pop(key, None)
+        with self._lock:
+            if not overrides and self.enabled and self.board_recipe is None:
+                self.log("[Merge Board] live preview is on but the board has no valid recipe yet: "
+                         "this generation runs without the live merge")
+                self.sync(to_a=True)
+                if params is not None:
+                    params["Merge Board"] = "skipped (the board is not ready)"
+                    self._infotext_keys.add("Merge Board")
+                return
+            recipe = self.desired(overrides)
+            loaded = self.host.loaded_checkpoint()
+            if recipe is not None and loaded is not None and not _same_path(loaded, recipe.models[0]):
+                self.log(f"[Merge Board] {Path(loaded).name} is loaded, not model A ({Path(recipe.models[0]).name}): "
+                         "this generation runs without the live merge")
+                if self.live is not None:
+                    self.sync(to_a=True)
+                if params is not None:
+                    params["Merge Board"] = "skipped (loaded model is not A)"
+                    self._infotext_keys.add("Merge Board")
+                return
+            report = self.sync(overrides)
+        if report is not None and report.keys:
+            self.log(f"[Merge Board] {report.summary()}")
+        if recipe is not None and params is not None:
+            items = {INFOTEXT_RECIPE: recipe_infotext(recipe)}
+            items.update(infotext_items(overrides or {}))
+            params.update(items)
+            self._infotext_keys.update(items)
+
+    def after_generation(self, p: Any, grid_finished: bool) -> None:
+        """After an X/Y/Z cell: when it was the grid's last one, go back to the board's state."""
+        from .xyz_merge import OVERRIDE_ATTR
+
+        if getattr(p, OVERRIDE_ATTR, None) and grid_finished:
+            with self._lock:
+                self.sync(None)
+
+    def restore(self):
+        """Put A back (tab side: call under ``host.mutation_lock()``)."""
+        with self._lock:
+            if self.live is None:
+                return None
+            report = self.live.restore()
+            self.message = "restored model A" if report.keys else self.message
+            return report
+
+    def model_loaded(self, model_object: Any = None) -> None:
+        """The host loaded weights (another checkpoint or a reload). A patched object that is still
+        alive elsewhere (A1111 keeps several models with sd_checkpoints_limit > 1) is restored; if
+        the weights were reloaded into the patched object itself, they are A's again: drop state."""
+        with self._lock:
+            live = self.live
+            if live is None:
+                return
+            owner = getattr(live.target, "owner", None)
+            if owner is not None and model_object is not None and owner is model_object:
+                live.invalidate()
+            else:
+                try:
+                    live.restore()
+                except Exception as exc:  # the old object may already be on the meta device
+                    self.log(f"[Merge Board] could not restore the previous model ({exc}); dropped its live state")
+                    live.invalidate()
+            live.close()
+            self.live = None
+            if self.enabled:
+                self.message = "the checkpoint changed: live preview re-applies at the next generation"
+
+    def shutdown(self) -> None:
+        """Reload UI / exit: leave the model as A."""
+        with self._lock:
+            if self.live is not None:
+                try:
+                    self.live.restore()
+                finally:
+                    self.live.close()
+                    self.live = None
+
+    @property
+    def patched(self) -> bool:
+        return self.live is not None and self.live.is_patched
+
+    def status_line(self) -> str:
+        state = "on" if self.enabled else "off"
+        parts = [f"Live preview {state}."]
+        if self.live is not None and self.live.is_patched:
+            parts.append(f"Model patched in {len(self.live.patched_blocks)} block(s).")
+        if self.message:
+            parts.append(self.message)
+        if self.save.running:
+            parts.append(f"Saving {self.save.name} ({self.save.fraction:.0%}); generations run alongside — the save reads files only.")
+        return " ".join(parts)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def nullcontext():
+    yield
+
+
+def arch_cache() -> "ArchCache":
+    return _ARCHS
+
+
+class ArchCache:
+    """Architecture of checkpoint files from their headers, cached by (path, size, mtime)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Optional[str]] = {}
+        self._lock = threading.Lock()
+
+    def arch(self, path: Path) -> Optional[str]:
+        if Path(path).suffix.lower() not in (".safetensors", ".sft"):
+            return None  # pickles would have to be loaded whole just to look: keep them in every list
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        try:
+            from ..live import arch_of_file
+
+            name = arch_of_file(path).name
+        except Exception:
+            name = None
+        with self._lock:
+            self._cache[key] = name
+        return name
+
+
+_ARCHS = ArchCache()
+
+
+def filter_by_arch(items: Sequence[Checkpoint], arch: Optional[str]) -> list[Checkpoint]:
+    if not arch:
+        return list(items)
+    return [c for c in items if _ARCHS.arch(c.path) in (arch, None)]

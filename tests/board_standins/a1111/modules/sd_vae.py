@@ -1,0 +1,6 @@
+"""modules/sd_vae.py: the VAE list."""
+vae_dict = {}
+
+
+def refresh_vae_list():
+    pass

@@ -1,0 +1,1 @@
+"""Stand-in of Forge's ``modules`` package (only what the Merge Board touches)."""

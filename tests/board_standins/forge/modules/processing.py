@@ -1,0 +1,81 @@
+"""modules/processing.py of Forge: model reload, per-batch forge_objects resets, the LoRA clone
+from extra networks, process_before_every_sampling right before sampling, then the GPU load that
+calls the patcher's refresh_loras()."""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modules import sd_models
+from tests.board_standins.common import Processed, create_infotext
+
+active_loras = []  # [(filename, {param name: delta})], set by the test (stands in for <lora:...> in the prompt)
+
+
+@dataclass
+class StableDiffusionProcessingTxt2Img:
+    sd_model: Any = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    cfg_scale: float = 7.0
+    sampler_name: str = "Euler a"
+    batch_size: int = 1
+    n_iter: int = 1
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    extra_generation_params: dict = None
+    scripts: Any = None
+    script_args: Any = None
+
+    def __post_init__(self):
+        self.extra_generation_params = self.extra_generation_params or {}
+
+    def close(self):
+        pass
+
+
+def _load_networks(sd):
+    """extensions-builtin/sd_forge_lora/networks.load_networks: clone + add_patches when the set changed."""
+    targets = str([(f, ) for f, _ in active_loras])
+    if getattr(sd, "current_lora_hash", None) == targets:
+        return
+    sd.current_lora_hash = targets
+    sd.forge_objects.unet = sd.forge_objects_original.unet
+    for filename, deltas in active_loras:
+        unet = sd.forge_objects.unet.clone()
+        unet.add_patches(filename=filename, patches={k: ("diff", (v,)) for k, v in deltas.items()})
+        sd.forge_objects.unet = unet
+    sd.forge_objects_after_applying_lora = sd.forge_objects.shallow_copy()
+
+
+def fingerprint(unet) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in unet.parameters()))
+
+
+def process_images(p):
+    p.sd_model, _ = sd_models.forge_model_reload()
+    sd = p.sd_model
+    if p.scripts is not None:
+        p.scripts.process(p)
+    sd.forge_objects = sd.forge_objects_original.shallow_copy()
+    _load_networks(sd)
+    sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
+    # sample(): reset once more, then the hook, then sampling loads the patcher (LoRA refresh)
+    sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
+    if p.scripts is not None:
+        p.scripts.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
+    sd.forge_objects.unet.refresh_loras()
+    from PIL import Image
+
+    value = fingerprint(sd.forge_objects.unet.model.diffusion_model)
+    image = Image.new("RGB", (8, 8), (int(abs(value)) % 256, 0, 0))
+    image.info["fingerprint"] = value
+    res = Processed([image], [create_infotext(p)])
+    if p.scripts is not None:
+        p.scripts.postprocess(p, res)
+    return res

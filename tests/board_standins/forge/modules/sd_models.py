@@ -1,0 +1,97 @@
+"""modules/sd_models.py of Forge: FakeInitialModel until the first generation, forge_model_reload
+driven by forge_loading_parameters (a new ForgeDiffusionEngine object per load, under
+torch.inference_mode), reload_model_weights a no-op stub."""
+from pathlib import Path
+
+import torch
+
+from modules import script_callbacks, shared
+from tests.board_standins.common import CheckpointInfo as _Info
+
+model_path = ""
+checkpoints_list = {}
+checkpoint_aliases = {}
+
+
+class CheckpointInfo(_Info):
+    def __init__(self, filename):
+        super().__init__(filename, model_path)
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        checkpoint_aliases[self.name] = self
+
+
+def list_models():
+    checkpoints_list.clear()
+    checkpoint_aliases.clear()
+    for path in sorted(Path(model_path).rglob("*.safetensors")):
+        CheckpointInfo(str(path)).register()
+
+
+def checkpoint_tiles(use_short=False):
+    return [x.name for x in checkpoints_list.values()]  # Forge returns names, not titles
+
+
+def get_closet_checkpoint_match(search_string):
+    return checkpoint_aliases.get(search_string) or checkpoints_list.get(search_string)
+
+
+def select_checkpoint():
+    return get_closet_checkpoint_match(shared.opts.sd_model_checkpoint) or next(iter(checkpoints_list.values()), None)
+
+
+class FakeInitialModel:
+    def __init__(self):
+        self.cond_stage_model = None
+        self.chunk_length = 75
+
+
+class SdModelData:
+    def __init__(self):
+        self.sd_model = FakeInitialModel()
+        self.forge_loading_parameters = {}
+        self.forge_hash = ""
+
+    def get_sd_model(self):
+        return self.sd_model
+
+    def set_sd_model(self, v):
+        self.sd_model = v
+
+
+model_data = SdModelData()
+engine_factory = None  # set by the test: fn(checkpoint_info, storage_dtype) -> ForgeDiffusionEngine stand-in
+
+
+def read_state_dict(checkpoint_file, print_global_state=False, map_location=None):
+    pass
+
+
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    pass
+
+
+def load_model(checkpoint_info=None, already_loaded_state_dict=None):
+    pass
+
+
+def refresh_model_loading_parameters(unet_storage_dtype=None):
+    model_data.forge_loading_parameters = dict(checkpoint_info=select_checkpoint(), additional_modules=[],
+                                               unet_storage_dtype=unet_storage_dtype)
+
+
+@torch.inference_mode()
+def forge_model_reload():
+    current_hash = str(model_data.forge_loading_parameters)
+    if model_data.forge_hash == current_hash:
+        return model_data.sd_model, False
+    model_data.sd_model = None
+    info = model_data.forge_loading_parameters["checkpoint_info"]
+    sd_model = engine_factory(info, model_data.forge_loading_parameters.get("unet_storage_dtype"))
+    sd_model.sd_checkpoint_info = info
+    sd_model.filename = info.filename
+    model_data.set_sd_model(sd_model)
+    script_callbacks.model_loaded_callback(sd_model)
+    model_data.forge_hash = current_hash
+    return sd_model, True
