@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+from . import board_cli
 from .errors import MergeError
 
 ALPHA_NOTE = "alpha is B's share: 0 gives A, 1 gives B"
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peak RSS, bytes read, soup add vs re-average, and the DGMLA-216 SDXL projection",
     )
     b.add_argument("--max-memory", default="3G", help="--many: working-set cap for dgmla (default 3G)")
+    board_cli.add_parser(sub)
     return parser
 
 
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "board":
+            return board_cli.run(args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
