@@ -219,6 +219,7 @@ def execute(
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lib_merge", initializer=single_threaded_torch)
     futures = []
+    torch_threads = torch.get_num_threads()
     try:
         for job in plan.jobs:
             if job.key in done:
@@ -244,11 +245,13 @@ def execute(
     except BaseException as exc:
         cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
         _stop(writer, log)
         if isinstance(exc, KeyboardInterrupt):
             raise MergeCancelled(_stopped_message(out_path, log, "interrupted")) from None
         raise
     pool.shutdown(wait=True)
+    torch.set_num_threads(torch_threads)
     if cancel.is_set():
         _stop(writer, log)
         raise MergeCancelled(_stopped_message(out_path, log, "cancelled"))
@@ -308,8 +311,9 @@ def _absolute_recipe(recipe: Recipe) -> dict:
 
 def single_threaded_torch() -> None:
     """Parallelism comes from running keys side by side; torch's own intra-op threads on top of
-    that oversubscribe the cores (measured 10× slower on a busy 2-core machine). The setting is
-    per thread, so the host's generation threads keep theirs."""
+    that oversubscribe the cores (measured 10× slower on a busy 2-core machine). torch also keeps
+    the last count as the default of threads created later, so whoever starts the pool must put
+    the caller's count back when the pool is done (``execute`` and the soup pool do)."""
     torch.set_num_threads(1)
 
 

@@ -28,13 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .arch import detect_architecture
 from .blocks import parse_block_weights
-from .engine import all_finite, compute_job, produce_job, read_sources, single_threaded_torch
+from .engine import all_finite, compute_job, produce_job, read_sources
 from .errors import BadParameterError, MergeError, NonFiniteError
 from .inputs import VirtualInput, parse_model_ref
 from .io.dtypes import output_dtype
@@ -397,8 +397,7 @@ class LiveMerge:
 
     def _run(self, plan: MergePlan, work: list, report: LiveReport) -> None:
         # Block by block, so a failure can be rolled back; within a block the keys are computed on
-        # a few threads (torch single-threaded in each, as the engine does: keys side by side use
-        # the cores better than intra-op threads on small tensors).
+        # a few threads side by side.
         by_block: dict[str, list] = {}
         for item in work:
             by_block.setdefault(item[0].block, []).append(item)
@@ -447,8 +446,9 @@ class LiveMerge:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lib_merge_live",
-                                            initializer=single_threaded_torch)
+            # No torch.set_num_threads in the workers: torch keeps that count process-wide for
+            # every thread initialised later, so the host's generation threads would inherit it.
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lib_merge_live")
         return self._pool
 
     def restore(self) -> LiveReport:
@@ -685,6 +685,3 @@ def arch_of_file(path: str | os.PathLike[str]):
     with open_checkpoint(path) as reader:
         return detect_architecture(reader.shapes(), reader.metadata, source=str(path)).arch
 
-
-def blocks_touched(report: LiveReport) -> Iterable[str]:
-    return list(report.blocks)

@@ -478,13 +478,23 @@ def _update_key(key: str, old: SafetensorsReader | None, readers: list[Checkpoin
     return old_crc, crc
 
 
+@contextlib.contextmanager
+def _restore_torch_threads(count: int):
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)  # after the pool's threads set 1 (see engine.single_threaded_torch)
+
+
 def _parallel(keys: Iterable[str], fn: Callable[[str], Any], threads: int | None) -> dict[str, Any]:
     """Run ``fn`` per key on a small pool (single-threaded torch per worker, as the engine)."""
     from .engine import default_threads, single_threaded_torch
 
     keys = list(keys)
-    with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="lib_merge_soup",
-                            initializer=single_threaded_torch) as pool:
+    torch_threads = torch.get_num_threads()
+    with _restore_torch_threads(torch_threads), ThreadPoolExecutor(
+            max_workers=threads or default_threads(), thread_name_prefix="lib_merge_soup",
+            initializer=single_threaded_torch) as pool:
         futures = {key: pool.submit(fn, key) for key in keys}
         results = {}
         try:

@@ -227,3 +227,24 @@ def test_concurrent_saves_are_refused(host, monkeypatch):
     release.set()
     t.join(60)
     assert "saved one" in out["m"]
+
+
+def _threads_of_a_new_thread() -> int:
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_saving_leaves_torch_threads_of_the_host_alone(host):
+    """torch keeps the last set_num_threads for every thread initialised later; a save must not
+    leave the WebUI's future generation threads single-threaded."""
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run single-threaded; a WebUI does not
+    try:
+        board = Board(host)
+        assert "saved" in board.on_save("threads", "fp16", NO_VAE, False, *_values(board))
+        assert _threads_of_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(original)

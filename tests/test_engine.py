@@ -644,3 +644,28 @@ def test_plan_is_made_from_headers_only(models, monkeypatch):
     te = next(j for j in plan.jobs if j.key.startswith("conditioner."))
     assert te.block == "BASE" and te.identity and te.sources == (0,)
     assert math.isclose(plan.block_values["alpha"]["OUT08"], 1.0)
+
+
+def test_merge_leaves_torch_thread_count_of_later_threads_alone(tmp_path, models):
+    """The workers run torch single-threaded; torch makes the last count the default of threads
+    created later, so a merge inside a WebUI must put the host's count back afterwards."""
+    import threading
+
+    import torch
+
+    from lib_merge.engine import merge
+    from lib_merge.recipe import Recipe
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge(Recipe("weighted_sum", (str(models.sd1_a), str(models.sd1_b))),
+              tmp_path / "t.safetensors", threads=2, hash_inputs=False, hash_output=False)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)

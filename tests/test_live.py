@@ -231,3 +231,27 @@ def test_an_fp32_model_holds_exactly_the_saved_fp16_file_loaded_into_it(files, t
     saved = load_file(str(merge(recipe, tmp_path / "o.safetensors", hash_inputs=False, hash_output=False, durable=False).path))
     assert [k for k, v in unet.state_dict().items() if not _same_bits(v, saved[PREFIX + k].float())] == []
     assert all(v.dtype == torch.float32 for v in unet.state_dict().values())
+
+
+def test_live_merge_leaves_torch_threads_of_the_host_alone(files):
+    import threading
+
+    def fresh():
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return out[0]
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run single-threaded; a WebUI does not
+    try:
+        a, b = files["sd1"][:2]
+        unet = loaded_unet(a, "sd1", torch.float16)
+        live = LiveMerge(LiveTarget({PREFIX: unet}), a, threads=2)
+        live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5))
+        live.restore()
+        live.close()
+        assert fresh() == 2
+    finally:
+        torch.set_num_threads(original)

@@ -444,6 +444,9 @@ class Board:
             if progress is not None:
                 progress(session.save.fraction, desc=f"saving {path.name}")
 
+        import torch
+
+        threads_before = torch.get_num_threads()
         try:
             if recipe.vae:
                 result = save_with_vae(recipe, path, threads=settings.threads or None, overwrite=bool(overwrite),
@@ -460,6 +463,10 @@ class Board:
             return _html_message(f"save failed: {type(exc).__name__}: {exc}; no file was written", "error")
         finally:
             session.save.running = False
+            # The engine's workers call torch.set_num_threads(1); torch stores that count for every
+            # thread initialised afterwards, which would leave the host's next generation threads
+            # single-threaded (and numerically different). Put the process default back.
+            torch.set_num_threads(threads_before)
         try:
             self.host.after_save(result.path)
         except Exception as exc:

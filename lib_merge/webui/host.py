@@ -12,7 +12,6 @@ it again (it is not re-entrant), so ``LiveSession.sync`` only takes the session'
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -356,11 +355,6 @@ def _same_path(a: Any, b: Any) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def nullcontext():
-    yield
 
 
 def arch_cache() -> "ArchCache":

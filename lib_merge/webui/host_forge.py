@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..live import LiveMergeError, LiveTarget, WriteItem, get_attr
-from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, recipe_infotext
+from .host import PreviewRequest, PreviewResult
 from .host_a1111 import A1111Host
 
 UNET_PREFIX = "model.diffusion_model."
@@ -148,9 +148,3 @@ class ForgeHost(A1111Host):
         except BaseException as exc:  # handed back to the tab's thread
             return exc
 
-
-def settings_for(host: ForgeHost) -> BoardSettings:
-    return host.settings()
-
-
-__all__ = ["ForgeHost", "ForgeTarget", "recipe_infotext", "Checkpoint"]
