@@ -8,6 +8,7 @@ Wired into ``lib_merge.cli`` with two lines (in ``build_parser`` and ``main``)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 
@@ -28,9 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401  (only: is it installed?)
-    except ImportError:
+    # Only asks whether gradio is installed: the core never imports it (lib_merge.webui does).
+    if importlib.util.find_spec("gradio") is None:
         print("error: the board needs gradio: pip install 'gradio==4.40.0' (or 3.41.2)")
         return 2
     from .webui.standalone import launch
