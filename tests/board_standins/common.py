@@ -147,3 +147,13 @@ def create_infotext(p) -> str:
     params = {"Steps": p.steps, "Sampler": p.sampler_name, "Seed": p.seed, "Size": f"{p.width}x{p.height}"}
     params.update({k: v for k, v in (p.extra_generation_params or {}).items() if v is not None})
     return f"{p.prompt}\n" + ", ".join(f"{k}: {quote(v)}" for k, v in params.items())
+
+
+def exec_shared(name: str, namespace: dict) -> None:
+    """Run ``shared_src/<name>.py`` inside a host's own ``modules.<name>`` namespace. Both hosts ship
+    these files identically; executing (not importing) the one source keeps each installed host's
+    module state fresh, as a real import of its own copy would."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("shared_src") / f"{name}.py"
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
