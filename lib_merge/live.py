@@ -4,7 +4,7 @@ model A back bit-exactly.
 The loaded model holds model A. ``LiveMerge.apply(recipe)`` plans the recipe with the same
 planner as the streaming engine and, for every block whose merge changed since the last apply
 (its weight, the method, a model, a parameter), computes the merged tensors with the engine's own
-kernels (``produce_job``/``compute_job``; the native elementwise kernel straight into the tensor)
+kernels (``produce_job``; the native elementwise kernel straight into the tensor)
 in the recipe's output dtype, exactly as the saved file holds them, and copies them into the model
 in the model's dtype and on its device — so the model holds what loading the saved file would give
 it. Unchanged blocks are not touched (not even rewritten with equal values).
@@ -34,7 +34,7 @@ import torch
 
 from .arch import detect_architecture
 from .blocks import parse_block_weights
-from .engine import all_finite, compute_job, produce_job, read_sources
+from .engine import all_finite, produce_job, read_sources
 from .errors import BadParameterError, MergeError, NonFiniteError
 from .inputs import VirtualInput, parse_model_ref
 from .io.dtypes import output_dtype
@@ -134,8 +134,13 @@ class LiveTarget:
         return None
 
     def write(self, items: Sequence[WriteItem]) -> None:
+        """Copy the values into the model. Called from several threads at once, one key per call
+        in general; the caller reuses the values' memory once it returns, so copy, never keep."""
         for item in items:
             copy_into(self.current(item.key), item.value)
+
+    def flush(self) -> None:
+        """Called once after the writes of an apply or a restore: finish what is best done once."""
 
 
 @dataclass
@@ -197,12 +202,17 @@ class LiveMerge:
         self._plan_cache: tuple[tuple, MergePlan] | None = None
         self._dirty: set[str] = set()  # keys being written by the current apply (rolled back on failure)
         self._same_as_file: set[str] = set()  # originals bit-identical to A's file
+        self._safe_inputs: dict[tuple[int, str], bool] = {}  # (input, key) -> finite, no overflow risk
         self._block_state: dict[str, tuple | None] = {}  # block -> signature it holds (absent: A)
         self._jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
         self._skipped = 0
         self._capture_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        # One thread by default: the kernels are memory-bound and torch's own intra-op threads
+        # already split every big tensor; worker threads on top (each with torch's threads) only
+        # oversubscribe the cores and contend for the GIL over the many small tensors
+        # (SD1.5, 2 cores: one block 4.3 ms alone vs 7.9 ms with 2 workers).
+        self.threads = threads or 1
         self._model_ids: tuple = ()
         self._layout_cache: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self.recipe: Recipe | None = None
@@ -282,6 +292,7 @@ class LiveMerge:
                 self._close_readers()
             plan = plan_merge(recipe, self._inputs(recipe))
             self._plan_cache = (skeleton, plan)
+            self._safe_inputs.clear()
             self._model_ids = tuple(
                 ref.spec if isinstance(ref, VirtualInput) else _file_identity(ref.path) for ref in plan.inputs
             )
@@ -351,7 +362,7 @@ class LiveMerge:
     def _original_value(self, key: str) -> torch.Tensor:
         value = self._originals[key]
         if value is None:
-            value = self._reader(str(self.model_a)).get(key).clone()
+            value = self._reader(str(self.model_a)).get(key)  # every write path copies it
         return value
 
     # -- apply / restore --------------------------------------------------------------------------
@@ -371,7 +382,7 @@ class LiveMerge:
                 params, identity, sources = per_block[block]
                 block_sig = self._block_signature(plan, params, identity, sources)
                 block_sigs[block] = block_sig
-                if block_sig == self._block_state.get(block) and not any(j.key in self._dirty for j, _ in jobs):
+                if block_sig == self._block_state.get(block) and not (self._dirty and any(j.key in self._dirty for j, _ in jobs)):
                     continue  # the block already holds exactly this: not even rewritten
                 for job, dtype in jobs:
                     signature = None if block_sig is None else (block_sig, job.common_channels, str(dtype))
@@ -396,20 +407,17 @@ class LiveMerge:
             return report
 
     def _run(self, plan: MergePlan, work: list, report: LiveReport) -> None:
-        # Block by block, so a failure can be rolled back; within a block the keys are computed on
-        # a few threads side by side.
+        # Block by block, so a failure can be rolled back. All of a block's originals are taken
+        # before any of its keys is written (a host write may drop the LoRA backups of a module);
+        # then each key is merged and written on its own, on a few threads, largest keys first.
         by_block: dict[str, list] = {}
         for item in work:
             by_block.setdefault(item[0].block, []).append(item)
         pool = self._executor() if len(work) > 1 else None
         for block, items in by_block.items():
-            if pool is None:
-                results = [self._produce(plan, job, signature) for job, signature in items]
-            else:
-                results = list(pool.map(lambda item: self._produce(plan, *item), items))
-            writes = [w for w in results if w is not None]
-            if writes:
-                self.target.write(writes)
+            sizes = [_numel(job.shape) for job, _ in items]
+            self._spread(pool, lambda item: self._capture(item[0].key), items, sizes)
+            self._spread(pool, lambda item: self._produce(plan, *item), items, sizes)
             for job, signature in items:
                 if signature is None:
                     self._applied.pop(job.key, None)
@@ -421,28 +429,102 @@ class LiveMerge:
                 report.keys += 1
                 report.bytes += _numel(job.shape) * torch.empty((), dtype=job.out_dtype).element_size()
             report.blocks.append(block)
+        self.target.flush()
 
-    def _produce(self, plan: MergePlan, job: KeyJob, signature: tuple | None) -> WriteItem | None:
-        """One key: capture A's original, then either stream the merged chunks straight into the
-        model's tensor (plain CPU targets) or return the value for ``target.write``."""
-        self._capture(job.key)
+    def _spread(self, pool: ThreadPoolExecutor | None, fn: Callable[[Any], None], items: Sequence, sizes: Sequence[int]) -> None:
+        """``fn`` over ``items`` on the pool: one task per thread, items dealt largest first to the
+        least-loaded thread (a block is a few big convolutions and many small vectors; a task per
+        item would cost more in hand-offs than the small ones take)."""
+        # A thread per _ELEMENTS_PER_THREAD: below that, handing work over costs more than it saves.
+        width = min(self.threads, len(items), sum(sizes) // _ELEMENTS_PER_THREAD)
+        if pool is None or width < 2:
+            for item in items:
+                fn(item)
+            return
+        lanes: list[list] = [[] for _ in range(width)]
+        loads = [0] * len(lanes)
+        for size, item in sorted(zip(sizes, items), key=lambda pair: -pair[0]):
+            lane = loads.index(min(loads))
+            lanes[lane].append(item)
+            loads[lane] += size + _PER_KEY_COST
+        for done in pool.map(lambda lane: [fn(item) for item in lane], lanes):
+            del done  # re-raises a worker's exception here
+
+    def _produce(self, plan: MergePlan, job: KeyJob, signature: tuple | None) -> None:
+        """One key into the model: streamed straight into its tensor (plain CPU targets), or into
+        this thread's scratch buffer handed to ``target.write`` (which copies it)."""
         direct = self.target.direct(job.key, job.out_dtype)
+        self._dirty.add(job.key)  # from here on a failure must put A back into this key
         if signature is None:
             value = self._original_value(job.key)
             if direct is None:
-                return WriteItem(job.key, value, True)
-            self._dirty.add(job.key)
-            copy_into(direct, value)
-            return None
-        if direct is None:
-            return WriteItem(job.key, compute_job(plan, job), False)
-        self._dirty.add(job.key)
-        flat = direct.view(-1)
-        with _write_context(direct):
-            if direct.dtype != job.out_dtype or not _native_into(plan, job, flat):
-                for offset, chunk in produce_job(plan, job):
-                    flat[offset: offset + chunk.numel()].copy_(chunk.view(-1))
-        return None
+                self.target.write([WriteItem(job.key, value, True)])
+            else:
+                copy_into(direct, value)
+            return
+        if direct is not None:
+            with _write_context(direct):
+                self._merge_into(plan, job, direct.view(-1))
+            return
+        out = _scratch.get(job.out_dtype, _numel(job.shape))
+        self._merge_into(plan, job, out)
+        self.target.write([WriteItem(job.key, out.view(job.shape), False)])
+
+    def _merge_into(self, plan: MergePlan, job: KeyJob, out: torch.Tensor) -> None:
+        """The merged values of one key into the flat tensor ``out`` (cast on the way in)."""
+        if out.dtype == job.out_dtype and self._native_into(plan, job, out):
+            return
+        for offset, chunk in produce_job(plan, job):
+            out[offset: offset + chunk.numel()].copy_(chunk.view(-1))
+
+    def _native_into(self, plan: MergePlan, job: KeyJob, out: torch.Tensor) -> bool:
+        """The engine's native elementwise kernel (same op, same inputs, hence the same bits as the
+        file) run straight into ``out`` chunk by chunk; False when the engine would take another
+        path for this key. The engine's NaN/Inf check runs on every chunk unless the method is
+        bounded for these parameters and the inputs were found finite (once per session)."""
+        method = plan.method
+        if job.identity or job.common_channels is not None or not method.elementwise or method.native is None:
+            return False
+        if job.out_dtype not in (torch.float16, torch.bfloat16):
+            return False
+        tensors = read_sources(plan, job)
+        if not all(t.dtype == job.out_dtype for t in tensors):
+            return False
+        check = not (method.bounded is not None and method.bounded(**job.params) and self._inputs_safe(plan, job, tensors))
+        flats = [t.reshape(-1) for t in tensors]
+        if not check:  # one call: chunks only exist to re-read the output from cache for the check
+            method.native(out, *flats, **job.params)
+            return True
+        for start in range(0, out.numel(), LIVE_CHUNK):
+            stop = min(start + LIVE_CHUNK, out.numel())
+            chunk = out[start:stop]
+            method.native(chunk, *[f[start:stop] for f in flats], **job.params)
+            if check and not all_finite(chunk):
+                bad = [plan.inputs[i] for i, t in zip(job.sources, tensors) if not all_finite(t)]
+                names = ", ".join(getattr(r, "name", str(r)) for r in bad)
+                raise NonFiniteError(
+                    f"{job.key}: NaN/Inf in input {names}; that checkpoint is damaged" if bad else
+                    f"{job.key}: method {method.name} produced NaN/Inf with {job.params}"
+                )
+        return True
+
+    def _inputs_safe(self, plan: MergePlan, job: KeyJob, tensors: Sequence[torch.Tensor]) -> bool:
+        """Every input of the key is a file tensor (or A's original of it), finite and far enough
+        from fp32's limit that the kernel's fp32 arithmetic cannot overflow. Measured once per
+        input and key: the mapped files and A's originals do not change during a session."""
+        for index, tensor in zip(job.sources, tensors):
+            if not isinstance(plan.inputs[index], CheckpointReader):
+                return False
+            safe = self._safe_inputs.get((index, job.key))
+            if safe is None:
+                safe = True
+                if tensor.numel():
+                    low, high = torch.aminmax(tensor)
+                    safe = max(abs(float(low)), abs(float(high))) <= _SAFE_MAGNITUDE  # False for NaN
+                self._safe_inputs[(index, job.key)] = safe
+            if not safe:
+                return False
+        return True
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -479,19 +561,17 @@ class LiveMerge:
             by_block.setdefault(self._applied_block.get(key, "?"), []).append(key)
         pool = self._executor() if len(keys) > 1 else None
 
-        def put_back(key: str) -> WriteItem | None:
+        def put_back(key: str) -> None:
             value = self._original_value(key)
             direct = self.target.direct(key, value.dtype)
             if direct is None:
-                return WriteItem(key, value, True)
-            copy_into(direct, value)
-            return None
+                self.target.write([WriteItem(key, value, True)])
+            else:
+                copy_into(direct, value)
 
         for block, block_keys in by_block.items():
-            results = list(pool.map(put_back, block_keys)) if pool is not None else [put_back(k) for k in block_keys]
-            writes = [w for w in results if w is not None]
-            if writes:
-                self.target.write(writes)
+            sizes = [self._layout().get(k, ((0,), None))[0] for k in block_keys]
+            self._spread(pool, put_back, block_keys, [_numel(shape) for shape in sizes])
             for k in block_keys:
                 value = self._originals.get(k)
                 self._applied.pop(k, None)
@@ -500,6 +580,7 @@ class LiveMerge:
                 report.keys += 1
                 report.bytes += value.numel() * value.element_size() if value is not None else 0
             report.blocks.append(block)
+        self.target.flush()
         self._block_state.clear()
         self.recipe = None
         return report
@@ -518,6 +599,7 @@ class LiveMerge:
             self._forget()
             self._originals.clear()
             self._same_as_file.clear()
+            self._safe_inputs.clear()
             self._cached_bytes = 0
             self._layout_cache = None
             self._plan_cache = None
@@ -594,33 +676,26 @@ class _ModelAReader(CheckpointReader):
 # Chunk of the in-place kernel: big enough that Python's per-chunk work is negligible next to the
 # memory traffic, small enough that the NaN check re-reads the chunk from cache (2 MB in fp16).
 LIVE_CHUNK = 1 << 20
+# Inputs up to this magnitude cannot overflow the fp32 arithmetic of a bounded kernel (fp32 max 3.4e38).
+_SAFE_MAGNITUDE = 1e30
+# A key's fixed cost in elements' worth of work, for dealing keys to threads.
+_PER_KEY_COST = 1 << 14
+_ELEMENTS_PER_THREAD = 1 << 22
 
 
-def _native_into(plan: MergePlan, job: KeyJob, out: torch.Tensor) -> bool:
-    """The engine's native elementwise kernel (same op, same inputs, hence the same bits as the
-    file) run straight into the model's tensor, chunk by chunk with the engine's NaN/Inf check;
-    False when the engine would take another path for this key."""
-    method = plan.method
-    if job.identity or job.common_channels is not None or not method.elementwise or method.native is None:
-        return False
-    if job.out_dtype not in (torch.float16, torch.bfloat16):
-        return False
-    tensors = read_sources(plan, job)
-    if not all(t.dtype == job.out_dtype for t in tensors):
-        return False
-    flats = [t.reshape(-1) for t in tensors]
-    for start in range(0, out.numel(), LIVE_CHUNK):
-        stop = min(start + LIVE_CHUNK, out.numel())
-        chunk = out[start:stop]
-        method.native(chunk, *[f[start:stop] for f in flats], **job.params)
-        if not all_finite(chunk):
-            bad = [plan.inputs[i] for i, t in zip(job.sources, tensors) if not all_finite(t)]
-            names = ", ".join(getattr(r, "name", str(r)) for r in bad)
-            raise NonFiniteError(
-                f"{job.key}: NaN/Inf in input {names}; that checkpoint is damaged" if bad else
-                f"{job.key}: method {method.name} produced NaN/Inf with {job.params}"
-            )
-    return True
+class _ScratchBuffers(threading.local):
+    """One growing buffer per thread and dtype for the values handed to ``target.write``: host
+    writes copy them, so the next key reuses the memory instead of allocating (and page-faulting)
+    a fresh tensor. Holds at most the largest key per live-merge thread."""
+
+    def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self.__dict__.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self.__dict__[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+
+_scratch = _ScratchBuffers()
 
 
 def block_parameters(plan: MergePlan, recipe: Recipe) -> tuple[dict[str, tuple[dict, bool, tuple[int, ...]]], dict]:

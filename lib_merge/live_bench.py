@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -122,6 +123,35 @@ def _block_bytes(module: torch.nn.Module) -> dict[str, int]:
     return sizes
 
 
+def _patch_times(target: LiveTarget, a: Path, b: Path, block: str, n_blocks: int, *, threads: int | None,
+                 repeat: int) -> tuple[float, float, float, float]:
+    """(first apply of all blocks, all blocks, one block, restore of all blocks), medians in seconds."""
+    live = LiveMerge(target, a, threads=threads)
+    models = (str(a), str(b))
+    t = time.perf_counter()
+    live.apply(Recipe("weighted_sum", models, alpha=0.5))
+    first_all = time.perf_counter() - t
+    all_times = []
+    for i in range(repeat):
+        t = time.perf_counter()
+        report = live.apply(Recipe("weighted_sum", models, alpha=0.3 + 0.1 * (i % 4)))
+        all_times.append(time.perf_counter() - t)
+        assert len(report.blocks) == n_blocks  # every U-Net block
+    live.apply(Recipe("weighted_sum", models, alpha=0.5))
+    one_times = []
+    for i in range(repeat * 2):
+        weights = f"{block}={0.1 + 0.8 * ((i % 5) / 5):.2f}"
+        t = time.perf_counter()
+        report = live.apply(Recipe("weighted_sum", models, alpha=0.5, weights=weights))
+        one_times.append(time.perf_counter() - t)
+        assert report.blocks == [block]
+    t = time.perf_counter()
+    live.restore()
+    restore_all = time.perf_counter() - t
+    live.close()
+    return first_all, statistics.median(all_times), statistics.median(one_times), restore_all
+
+
 def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float) -> dict:
     a, b = _make_files(size, folder)
     module = (_tiny(0) if size == "tiny" else UNetModel(sd1_config())).to(torch.float16).eval()
@@ -141,32 +171,16 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float)
     _warm(a)
     _warm(b)
 
-    live = LiveMerge(LiveTarget({PREFIX: module}), a, threads=threads)
-    models = (str(a), str(b))
-    t = time.perf_counter()
-    live.apply(Recipe("weighted_sum", models, alpha=0.5))
-    first_all = time.perf_counter() - t
-    all_times = []
-    for i in range(repeat):
-        t = time.perf_counter()
-        report = live.apply(Recipe("weighted_sum", models, alpha=0.3 + 0.1 * (i % 4)))
-        all_times.append(time.perf_counter() - t)
-        assert len(report.blocks) == len(sizes)  # every U-Net block
     block = "IN04"  # a mid-sized block: a ResBlock and a transformer at 640 channels
-    live.apply(Recipe("weighted_sum", models, alpha=0.5))
-    one_times = []
-    for i in range(repeat * 2):
-        weights = f"{block}={0.1 + 0.8 * ((i % 5) / 5):.2f}"
-        t = time.perf_counter()
-        report = live.apply(Recipe("weighted_sum", models, alpha=0.5, weights=weights))
-        one_times.append(time.perf_counter() - t)
-        assert report.blocks == [block]
-    t = time.perf_counter()
-    live.restore()
-    restore_all = time.perf_counter() - t
-    live.close()
-    one = statistics.median(one_times)
-    all_blocks = statistics.median(all_times)
+    first_all, all_blocks, one, restore_all = _patch_times(LiveTarget({PREFIX: module}), a, b, block, len(sizes),
+                                                          threads=threads, repeat=repeat)
+    # The A1111 adapter's path: merged values go through a scratch buffer and
+    # ``load_state_dict(strict=False)`` per module (one more copy, so the LoRA built-in stays consistent).
+    from .webui.host_a1111 import A1111Target
+
+    host_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=module))
+    _, host_all, host_one, _ = _patch_times(A1111Target(host_model), a, b, block, len(sizes),
+                                            threads=threads, repeat=repeat)
     floor_one = 3 * sizes[block] / bw
     floor_all = 3 * total / bw
     return {
@@ -175,7 +189,7 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float)
         "unet_bytes_MB": round(total / 2**20, 1),
         "block": block,
         "block_MB": round(sizes[block] / 2**20, 2),
-        "threads": live.threads,
+        "threads": threads or 1,
         "bandwidth_GBps": round(bw / 1e9, 2),
         "one_block_s": round(one, 5),
         "one_block_floor_s": round(floor_one, 5),
@@ -184,10 +198,14 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float)
         "all_blocks_first_s": round(first_all, 4),
         "all_blocks_floor_s": round(floor_all, 4),
         "restore_all_s": round(restore_all, 4),
+        "a1111_one_block_s": round(host_one, 5),
+        "a1111_one_block_x_floor": round(host_one / floor_one, 2),
+        "a1111_all_blocks_s": round(host_all, 4),
         "reload_from_disk_s": round(reload_cold, 4) if reload_cold is not None else None,
         "reload_warm_cache_s": round(reload_warm, 4),
         "reload_over_all_blocks": round(reload_cold / all_blocks, 1) if reload_cold is not None else None,
         "warm_reload_over_all_blocks": round(reload_warm / all_blocks, 1),
+        "reload_over_a1111_all_blocks": round(reload_cold / host_all, 1) if reload_cold is not None else None,
     }
 
 
@@ -195,7 +213,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_merge.live_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("tiny", "sd15", "both"), default="both")
     parser.add_argument("--dir", type=Path, default=Path("bench_tmp"), help="scratch folder (~4.5 GB for sd15)")
-    parser.add_argument("--threads", type=int, help="live-merge worker threads (default: cores, at most 8)")
+    parser.add_argument("--threads", type=int, help="live-merge worker threads (default 1: torch splits each kernel over its own threads)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object per size")
     args = parser.parse_args(argv)
@@ -213,8 +231,12 @@ def main(argv=None) -> int:
         print(f"  all blocks: {result['all_blocks_s'] * 1000:.0f} ms (first apply, capturing A: "
               f"{result['all_blocks_first_s'] * 1000:.0f} ms; floor {result['all_blocks_floor_s'] * 1000:.0f} ms); "
               f"restore {result['restore_all_s'] * 1000:.0f} ms")
+        print(f"  A1111 write path (scratch + load_state_dict per module): one block "
+              f"{result['a1111_one_block_s'] * 1000:.1f} ms ({result['a1111_one_block_x_floor']}x the floor), "
+              f"all blocks {result['a1111_all_blocks_s'] * 1000:.0f} ms")
         cold = result["reload_from_disk_s"]
-        print(f"  reload: from disk {cold * 1000:.0f} ms ({result['reload_over_all_blocks']}x all blocks)"
+        print(f"  reload: from disk {cold * 1000:.0f} ms ({result['reload_over_all_blocks']}x all blocks; "
+              f"{result['reload_over_a1111_all_blocks']}x the A1111 path)"
               if cold is not None else "  reload from disk: page cache cannot be dropped here")
         print(f"          warm page cache {result['reload_warm_cache_s'] * 1000:.0f} ms "
               f"({result['warm_reload_over_all_blocks']}x all blocks)")

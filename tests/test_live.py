@@ -180,6 +180,29 @@ def test_failure_mid_apply_restores_the_model(files, tmp_path):
     assert all(_same_bits(v, original[k]) for k, v in unet.state_dict().items())
 
 
+def test_extrapolation_overflow_is_caught_although_inputs_are_finite(files, tmp_path):
+    """Inputs are checked once per session, outputs only where the method could leave the inputs'
+    range: α = 1.5 extrapolates, so an fp16 overflow must still stop the patch and restore A."""
+    a, b = files["sd1"][:2]
+    key = PREFIX + "input_blocks.4.0.in_layers.2.weight"
+    big_a, big_b = tmp_path / "big_a.safetensors", tmp_path / "big_b.safetensors"
+    from safetensors.torch import save_file
+
+    for source, path, value in ((a, big_a, -40000.0), (b, big_b, 40000.0)):
+        tensors = load_file(str(source))
+        tensors[key] = torch.full_like(tensors[key], value)
+        save_file(tensors, str(path))
+    unet = loaded_unet(big_a, "sd1", torch.float16)
+    original = _snapshot(unet)
+    live = LiveMerge(LiveTarget({PREFIX: unet}), big_a)
+    live.apply(Recipe("weighted_sum", (str(big_a), str(big_b)), alpha=0.5))  # inputs now known finite
+    assert live.is_patched
+    with pytest.raises(LiveMergeError, match="NaN/Inf.*restored to A"):
+        live.apply(Recipe("weighted_sum", (str(big_a), str(big_b)), alpha=1.5))
+    assert all(_same_bits(v, original[k]) for k, v in unet.state_dict().items())
+    live.close()
+
+
 def test_model_a_must_be_the_loaded_model(files):
     a, b = files["sd1"][:2]
     unet = loaded_unet(a, "sd1", torch.float16)

@@ -238,6 +238,35 @@ def test_native_lerp_is_bit_identical_to_fp32_path(dtype):
             assert mismatch == 0, f"{dtype} alpha={alpha} slice {lo}:{hi}: {mismatch} elements differ"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bounded_lerp_stays_between_its_inputs(dtype):
+    """weighted_sum declares itself bounded for 0 <= alpha <= 1 (the live merge then checks inputs
+    once instead of every output): at the dtype's extremes the kernel's output must stay finite
+    and between its two inputs."""
+    spec = get_method("weighted_sum")
+    assert spec.bounded is not None
+    assert spec.bounded(alpha=0.0) and spec.bounded(alpha=1.0) and spec.bounded(alpha=0.37)
+    assert not spec.bounded(alpha=-0.1) and not spec.bounded(alpha=1.5)
+    finfo = torch.finfo(dtype)
+    limit = finfo.max if dtype == torch.float16 else 1e30  # the live merge's input bound for bf16
+    g = torch.Generator().manual_seed(3)
+    a = torch.cat([torch.tensor([limit, -limit, limit, finfo.tiny, 0.0]), (torch.rand(50_000, generator=g) * 2 - 1) * limit])
+    b = torch.cat([torch.tensor([-limit, limit, limit, -finfo.tiny, -0.0]), (torch.rand(50_000, generator=g) * 2 - 1) * limit])
+    a, b = a.to(dtype), b.to(dtype)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    for alpha in (0.0, 1e-3, 0.25, 0.5, 0.75, 0.999, 1.0):
+        out = torch.empty_like(a)
+        spec.native(out, a, b, alpha=alpha)
+        assert torch.isfinite(out).all(), alpha
+        low, high = torch.minimum(a, b), torch.maximum(a, b)
+        assert bool(((out >= low) & (out <= high)).all()), alpha
+
+
+def test_bounded_is_declared_only_where_it_holds():
+    bounded = {spec.name for spec in all_methods() if spec.bounded is not None}
+    assert bounded <= {"weighted_sum"}, bounded
+
+
 def test_only_exact_methods_declare_a_native_kernel():
     natives = {spec.name for spec in all_methods() if spec.native is not None}
     assert natives <= {"weighted_sum"}, natives

@@ -14,7 +14,12 @@ def _lerp_native(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: 
     torch.lerp(a, b, alpha, out=out)
 
 
-@merge_method("weighted_sum", inputs=("A", "B"), params=(ALPHA,), elementwise=True, native=_lerp_native)
+def _lerp_bounded(*, alpha: float) -> bool:
+    return 0.0 <= alpha <= 1.0  # interpolation, not extrapolation
+
+
+@merge_method("weighted_sum", inputs=("A", "B"), params=(ALPHA,), elementwise=True, native=_lerp_native,
+              bounded=_lerp_bounded)
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, ctx: KeyContext, alpha: float) -> torch.Tensor:
     """A + α(B − A): linear interpolation; α is B's share (0 → A, 1 → B)."""
     return torch.lerp(a, b, alpha)

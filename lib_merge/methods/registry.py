@@ -106,6 +106,11 @@ class MethodSpec:
     # Optional in-place kernel on the storage dtype that is bit-identical to the fp32 path
     # (checked by a test); lets the engine skip fp32 temporaries for the commonest merges.
     native: Callable[..., None] | None = field(default=None, compare=False)
+    # Optional ``bounded(**params) -> bool``: True when, for these parameters, every output element
+    # lies between the inputs' elements (a convex combination), so finite inputs of moderate size
+    # cannot give a non-finite output. Lets the live merge check its inputs once per session
+    # instead of every output it writes.
+    bounded: Callable[..., bool] | None = field(default=None, compare=False)
 
     @property
     def min_models(self) -> int:
@@ -155,6 +160,7 @@ def merge_method(
     random: bool = False,
     reference: str = "",
     native: Callable[..., None] | None = None,
+    bounded: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn(*tensors, ctx, **params)``; its docstring is the method's help text."""
 
@@ -162,7 +168,7 @@ def merge_method(
         doc = (fn.__doc__ or "").strip()
         if not doc:
             raise TypeError(f"merge method {name} needs a docstring: it is the method's help")
-        spec = MethodSpec(name, fn, inputs, params, doc, variadic, elementwise, random, reference, native)
+        spec = MethodSpec(name, fn, inputs, params, doc, variadic, elementwise, random, reference, native, bounded)
         with _LOCK:
             if name in _REGISTRY:
                 raise TypeError(f"merge method {name} registered twice")

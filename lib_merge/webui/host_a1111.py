@@ -96,7 +96,7 @@ class A1111Target(LiveTarget):
                     setattr(module, attr, self._fp16_originals.pop(item.key))
             else:
                 self._fp16_originals.setdefault(item.key, getattr(module, attr))
-                setattr(module, attr, item.value.detach().to("cpu", torch.float16))
+                setattr(module, attr, item.value.detach().to("cpu", torch.float16, copy=True))
 
 
 class A1111Host:

@@ -15,6 +15,7 @@ inside it.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,6 +42,8 @@ class ForgeTarget(LiveTarget):
         self.kmodel = patcher.model
         super().__init__({UNET_PREFIX: self.kmodel.diffusion_model})
         self.owner = sd_model
+        self._backup_lock = threading.Lock()
+        self._relora = False
 
     def identity(self) -> tuple:
         return (id(self.owner), id(self.kmodel), id(self.kmodel.diffusion_model))
@@ -71,19 +74,27 @@ class ForgeTarget(LiveTarget):
     def write(self, items: Sequence[WriteItem]) -> None:
         loader = self._loader()
         backups = getattr(loader, "backup", {}) if loader is not None else {}
-        relora = False
         with torch.inference_mode():
             for item in items:
                 name = KMODEL_PREFIX + item.key[len(UNET_PREFIX):]
                 if name in backups:
                     old = backups[name]
-                    backups[name] = torch.nn.Parameter(item.value.to(device=old.device, dtype=old.dtype), requires_grad=False)
-                    relora = True
+                    value = item.value.to(device=old.device, dtype=old.dtype, copy=True)
+                    with self._backup_lock:
+                        backups[name] = torch.nn.Parameter(value, requires_grad=False)
+                        self._relora = True
                 else:
                     get_attr(self.kmodel, name).copy_(item.value)
-            if relora:
-                patcher = self.owner.forge_objects.unet
-                loader.refresh(lora_patches=patcher.lora_patches, offload_device=patcher.offload_device, force_refresh=True)
+
+    def flush(self) -> None:
+        # One forced LoRA refresh per apply re-applies the LoRA on top of the new backups.
+        with self._backup_lock:
+            relora, self._relora = self._relora, False
+        if relora:
+            patcher = self.owner.forge_objects.unet
+            with torch.inference_mode():
+                self._loader().refresh(lora_patches=patcher.lora_patches, offload_device=patcher.offload_device,
+                                       force_refresh=True)
 
 
 class ForgeHost(A1111Host):
