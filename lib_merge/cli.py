@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, help="seed for random methods and noise inputs (default 0)")
     m.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output dtype (default fp16)")
     m.add_argument("--blocks", help="key→block policy: supermerger (default) or sd-mecha")
+    m.add_argument("--vae", metavar="FILE", help="bake this VAE (a VAE file or a checkpoint) into the output")
     m.add_argument("--threads", type=int, help="worker threads (default: cores + 1, 2..4)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (inputs are never overwritten)")
     m.add_argument("--recipe", help="re-run a recipe: a recipe JSON or a checkpoint merged by this tool")
@@ -169,6 +170,7 @@ def recipe_from_args(args: argparse.Namespace):
         "seed": args.seed,
         "dtype": args.dtype,
         "blocks": args.blocks,
+        "vae": getattr(args, "vae", None),
     }
     params = parse_params(args.param)
     if getattr(args, "resume", False) and not args.recipe and not args.models:
@@ -201,6 +203,7 @@ def recipe_from_args(args: argparse.Namespace):
         seed=args.seed or 0,
         dtype=args.dtype or "fp16",
         blocks=args.blocks or "supermerger",
+        vae=args.vae,
     )
 
 

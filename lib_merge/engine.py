@@ -27,7 +27,7 @@ import torch
 from .errors import BadParameterError, MergeCancelled, NonFiniteError, OutputPathError, ResumeError
 from .inputs import VirtualInput
 from .io.hashing import sha256_file, short_hash
-from .io.reader import CheckpointReader
+from .io.reader import CheckpointReader, open_checkpoint
 from .io.writer import SafetensorsWriter, plan_layout, temp_path_for
 from .many import MemoryGate, MemoryPlan, SourceHandle, job_bytes, parse_size, plan_memory, stream_chunk
 from .methods.registry import KeyContext, MethodSpec
@@ -35,6 +35,7 @@ from .methods.sparsify import ChunkContext
 from .plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
 from .recipe import Recipe
 from .resume import AUTO_MIN_BYTES, Journal, journal_path
+from .vae import bake_vae
 
 # Elementwise methods run over flat chunks this size: the fp32 working set of one chunk stays in
 # cache instead of materialising full-size fp32 temporaries (several times faster on 2 cores).
@@ -82,9 +83,12 @@ def merge(
 ) -> MergeResult:
     """Plan and run ``recipe`` into ``output`` (see :func:`execute`)."""
     inputs = open_inputs(recipe.models)
-    plan = None
+    vae: CheckpointReader | None = None
     try:
         plan = plan_merge(recipe, inputs)
+        if recipe.vae:
+            vae = open_checkpoint(recipe.vae)
+            bake_vae(plan, vae)
         for message in plan.warnings:
             if warn:
                 warn(message)
@@ -97,6 +101,8 @@ def merge(
         for item in inputs:
             if isinstance(item, CheckpointReader):
                 item.close()
+        if vae is not None:
+            vae.close()
 
 
 def execute(
@@ -141,9 +147,8 @@ def execute(
     memory = plan_memory(plan, threads, parse_size(max_memory))
     if on_plan:
         on_plan(memory.describe(plan))
-    hashes = [
-        sha256_file(r.path) if hash_inputs and isinstance(r, CheckpointReader) else "" for r in plan.inputs
-    ]
+    models = plan.inputs[:len(plan.recipe.models)]  # a baked VAE is one more input, not a model
+    hashes = [sha256_file(r.path) if hash_inputs and isinstance(r, CheckpointReader) else "" for r in models]
     recorded = plan.recipe.model_hashes
     if warn and any(hashes) and len(recorded) == len(hashes):
         for index, (now, then) in enumerate(zip(hashes, recorded)):

@@ -103,6 +103,47 @@ def test_recipe_overrides_on_the_command_line(models, out_dir, capsys):
     assert json.loads(read_metadata(second)["lib_merge_recipe"])["alpha"] == 0.8
 
 
+def _vae_file(models, path: Path, *, prefix: str = "", drop: int = 0) -> Path:
+    """A VAE file made from model B's VAE (halved, in fp32), keys with or without the checkpoint prefix."""
+    from safetensors.torch import save_file
+
+    vae = {k[len("first_stage_model."):]: v.float() * 0.5 for k, v in load_tensors(models.sd1_b).items()
+           if k.startswith("first_stage_model.")}
+    for key in sorted(vae)[:drop]:
+        del vae[key]
+    save_file({prefix + k: v.contiguous() for k, v in vae.items()}, str(path))
+    return path
+
+
+def test_vae_bake_is_recorded_and_reproduced_by_the_recipe(models, out_dir, capsys):
+    vae = _vae_file(models, out_dir / "photo.vae.safetensors")
+    first = out_dir / "baked.safetensors"
+    run_ok(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(first), "--alpha", "0.3",
+           "--vae", str(vae))
+    got, source = load_tensors(first), load_file(str(vae))
+    vae_keys = [k for k in got if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch.equal(got[k], source[k[len("first_stage_model."):]].half()) for k in vae_keys)
+    recipe = json.loads(read_metadata(first)["lib_merge_recipe"])
+    assert recipe["vae"] == "photo.vae.safetensors" and len(recipe["model_hashes"]) == 2
+    assert json.loads(read_metadata(first)["sd_merge_recipe"])["bake_in_vae"] == "photo.vae.safetensors"
+    again = out_dir / "again.safetensors"
+    run_ok(capsys, "merge", "--recipe", str(first), "-o", str(again))
+    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(first.read_bytes()).digest()
+
+
+def test_vae_from_a_checkpoint_and_an_incomplete_vae(models, out_dir, capsys):
+    whole = _vae_file(models, out_dir / "other_ckpt.safetensors", prefix="first_stage_model.")
+    out = out_dir / "from_ckpt.safetensors"
+    run_ok(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--vae", str(whole))
+    assert torch.equal(load_tensors(out)["first_stage_model.decoder.conv_out.bias"],
+                       load_tensors(whole)["first_stage_model.decoder.conv_out.bias"].half())
+    partial = _vae_file(models, out_dir / "partial.vae.safetensors", drop=3)
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "x.safetensors"),
+                     "--vae", str(partial))
+    assert "lacks 3 of the model's" in line and "VAE" in line
+    assert leftovers(out_dir, "x.safetensors") == []
+
+
 # ---- inspect and methods -------------------------------------------------------------------------
 
 
