@@ -14,8 +14,9 @@ gr = pytest.importorskip("gradio")
 
 from lib_merge.demo import ensure_demo_models  # noqa: E402
 from lib_merge.recipe import load_recipe  # noqa: E402
-from lib_merge.webui import board as board_mod  # noqa: E402
-from lib_merge.webui.board import ALL_BLOCKS, NO_VAE, Board, build  # noqa: E402
+from lib_merge.webui import board_base, board_gradio  # noqa: E402
+from lib_merge.webui.board import Board, build  # noqa: E402
+from lib_merge.webui.board_base import ALL_BLOCKS, NO_VAE  # noqa: E402
 from lib_merge.webui.standalone import StandaloneHost  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def test_board_builds_and_wires_every_event(host):
     for name in board.param_names:  # one control per registry parameter, each feeding the recipe
         assert f"mergeboard_param_{name}" in elem_ids
         assert ("change", f"mergeboard_param_{name}") in pairs
-    js_key = "js" if board_mod.gradio_major() >= 4 else "js"
+    js_key = "js" if board_gradio.gradio_major() >= 4 else "js"
     assert any(dep.get(js_key) and "mergeboardAfterSave" in str(dep.get(js_key)) for dep in config["dependencies"])
 
 
@@ -101,7 +102,7 @@ def test_sliders_switch_between_26_and_20_blocks(host):
 def test_method_controls_come_from_the_registry(host):
     board = Board(host)
     out = board.on_method("dare")
-    n = len(board_mod.LETTERS) - 1
+    n = len(board_base.LETTERS) - 1
     pickers, alpha, beta, blocks, params = out[:n], out[n], out[n + 1], out[n + 2], out[n + 3:-1]
     assert all(u["visible"] for u in pickers)  # variadic: every picker
     assert alpha["visible"] and not beta["visible"] and blocks["visible"]

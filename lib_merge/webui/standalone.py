@@ -69,6 +69,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
     """Build the board over ``models_dir`` (default: the demo folder, filled on first use) and serve it."""
     from ..demo import ensure_demo_models
     from . import board as board_mod
+    from .board_gradio import gradio_major
 
     if models_dir is None:
         models_dir = Path("demo_models")
@@ -84,7 +85,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
     demo.css = css  # read by gradio at launch on both 3.41 and 4.x
     if js:
         _add_js(demo, js)
-    demo.queue(default_concurrency_limit=None) if board_mod.gradio_major() >= 4 else demo.queue(concurrency_count=8)
+    demo.queue(default_concurrency_limit=None) if gradio_major() >= 4 else demo.queue(concurrency_count=8)
     print(f"Merge Board over {models_dir.resolve()} on http://{host}:{port}", flush=True)
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=not block,
                 show_api=False)
@@ -94,8 +95,8 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
 def _add_js(demo, js: str) -> None:
     """Run the board's client script once the page has loaded (gradio 3: ``_js`` on a load event;
     gradio 4: ``Blocks.js``-style load handler)."""
-    from . import board as board_mod
+    from .board_gradio import _js_kwargs
 
     code = "() => {\n" + js + "\nif (window.mergeboardSetup) window.mergeboardSetup();\n}"
     with demo:
-        demo.load(None, None, None, **board_mod._js_kwargs(code))
+        demo.load(None, None, None, **_js_kwargs(code))
