@@ -70,6 +70,13 @@ def _make_files(size: str, folder: Path) -> tuple[Path, Path]:
     return a, b
 
 
+def _clock() -> float:
+    """perf_counter after the GPU finished what was queued (copies to a CUDA model are async)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _drop_cache(path: Path) -> bool:
     """Evict the file's pages from the page cache (no root needed); False where unsupported."""
     if not hasattr(os, "posix_fadvise"):
@@ -93,14 +100,26 @@ def _warm(path: Path) -> None:
 
 def _reload(module: torch.nn.Module, path: Path) -> float:
     """What a WebUI does on a checkpoint change, minus model construction: read the file, copy the
-    U-Net tensors into the loaded module."""
+    U-Net tensors into the loaded module (on its device)."""
     from safetensors.torch import load_file
 
-    started = time.perf_counter()
+    started = _clock()
     state = load_file(str(path))
     module.load_state_dict({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)})
     del state
-    return time.perf_counter() - started
+    return _clock() - started
+
+
+def h2d_bandwidth(device: str, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Host-to-device copy bandwidth from ordinary (pageable) memory, as the live merge copies."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16).fill_(1)
+    dst = torch.empty_like(src, device=device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = _clock()
+        dst.copy_(src)
+        best = min(best, _clock() - t)
+    return nbytes / best
 
 
 def bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
@@ -128,33 +147,33 @@ def _patch_times(target: LiveTarget, a: Path, b: Path, block: str, n_blocks: int
     """(first apply of all blocks, all blocks, one block, restore of all blocks), medians in seconds."""
     live = LiveMerge(target, a, threads=threads)
     models = (str(a), str(b))
-    t = time.perf_counter()
+    t = _clock()
     live.apply(Recipe("weighted_sum", models, alpha=0.5))
-    first_all = time.perf_counter() - t
+    first_all = _clock() - t
     all_times = []
     for i in range(repeat):
-        t = time.perf_counter()
+        t = _clock()
         report = live.apply(Recipe("weighted_sum", models, alpha=0.3 + 0.1 * (i % 4)))
-        all_times.append(time.perf_counter() - t)
+        all_times.append(_clock() - t)
         assert len(report.blocks) == n_blocks  # every U-Net block
     live.apply(Recipe("weighted_sum", models, alpha=0.5))
     one_times = []
     for i in range(repeat * 2):
         weights = f"{block}={0.1 + 0.8 * ((i % 5) / 5):.2f}"
-        t = time.perf_counter()
+        t = _clock()
         report = live.apply(Recipe("weighted_sum", models, alpha=0.5, weights=weights))
-        one_times.append(time.perf_counter() - t)
+        one_times.append(_clock() - t)
         assert report.blocks == [block]
-    t = time.perf_counter()
+    t = _clock()
     live.restore()
-    restore_all = time.perf_counter() - t
+    restore_all = _clock() - t
     live.close()
     return first_all, statistics.median(all_times), statistics.median(one_times), restore_all
 
 
-def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float) -> dict:
+def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float, device: str = "cpu") -> dict:
     a, b = _make_files(size, folder)
-    module = (_tiny(0) if size == "tiny" else UNetModel(sd1_config())).to(torch.float16).eval()
+    module = (_tiny(0) if size == "tiny" else UNetModel(sd1_config())).to(torch.float16).to(device).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     _warm(a)
@@ -181,8 +200,11 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float)
     host_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=module))
     _, host_all, host_one, _ = _patch_times(A1111Target(host_model), a, b, block, len(sizes),
                                             threads=threads, repeat=repeat)
-    floor_one = 3 * sizes[block] / bw
-    floor_all = 3 * total / bw
+    # Floor: read A and B, write the merge, at the CPU's copy bandwidth; on a GPU the merge must
+    # also cross to the device, which can overlap the CPU work, so the slower of the two bounds it.
+    h2d = h2d_bandwidth(device) if device != "cpu" else None
+    floor_one = max(3 * sizes[block] / bw, sizes[block] / h2d if h2d else 0.0)
+    floor_all = max(3 * total / bw, total / h2d if h2d else 0.0)
     return {
         "size": size,
         "unet_params_M": round(total / 2 / 1e6, 1),
@@ -190,6 +212,8 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float)
         "block": block,
         "block_MB": round(sizes[block] / 2**20, 2),
         "threads": threads or 1,
+        "device": device,
+        "h2d_GBps": round(h2d / 1e9, 2) if h2d else None,
         "bandwidth_GBps": round(bw / 1e9, 2),
         "one_block_s": round(one, 5),
         "one_block_floor_s": round(floor_one, 5),
@@ -215,17 +239,20 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", type=Path, default=Path("bench_tmp"), help="scratch folder (~4.5 GB for sd15)")
     parser.add_argument("--threads", type=int, help="live-merge worker threads (default 1: torch splits each kernel over its own threads)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where the U-Net lives, e.g. cuda (A's originals stay on the CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per size")
     args = parser.parse_args(argv)
     bw = bandwidth()
     sizes = ("tiny", "sd15") if args.size == "both" else (args.size,)
     for size in sizes:
-        result = run(size, args.dir, threads=args.threads, repeat=args.repeat, bw=bw)
+        result = run(size, args.dir, threads=args.threads, repeat=args.repeat, bw=bw, device=args.device)
         if args.json:
             print(json.dumps(result), flush=True)
             continue
-        print(f"\n{size}: U-Net {result['unet_params_M']} M params ({result['unet_bytes_MB']} MB fp16), "
-              f"{result['threads']} threads, copy bandwidth {result['bandwidth_GBps']} GB/s")
+        print(f"\n{size}: U-Net {result['unet_params_M']} M params ({result['unet_bytes_MB']} MB fp16) on "
+              f"{result['device']}, {result['threads']} thread(s), torch {torch.get_num_threads()} intra-op threads, "
+              f"copy bandwidth {result['bandwidth_GBps']} GB/s"
+              + (f", host-to-device {result['h2d_GBps']} GB/s" if result["h2d_GBps"] else ""))
         print(f"  one block ({result['block']}, {result['block_MB']} MB): {result['one_block_s'] * 1000:.1f} ms; "
               f"floor {result['one_block_floor_s'] * 1000:.1f} ms -> {result['one_block_x_floor']}x the floor")
         print(f"  all blocks: {result['all_blocks_s'] * 1000:.0f} ms (first apply, capturing A: "
