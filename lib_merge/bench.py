@@ -140,7 +140,6 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
         result["hash_seconds"] = time.perf_counter() - t
         return result
     elif kind == "baseline":
-        import torch
         from safetensors.torch import load_file, save_file
 
         sa, sb = load_file(str(a)), load_file(str(b))

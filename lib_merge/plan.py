@@ -139,7 +139,6 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
                 "(task-vector methods already count A as the base)"
             )
         seen.setdefault(real, i)
-    block_names = arch.blocks
     alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
     beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
 

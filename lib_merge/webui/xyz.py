@@ -50,17 +50,15 @@ def to_axis_option(xyz_module, axis: AxisDef):
     def apply(p, x, xs):
         axis.apply(p, x)
 
-    confirm = None
-    if axis.confirm is not None:
-        def confirm(p, xs):
-            axis.confirm(list(xs))
+    def confirm(p, xs):
+        axis.confirm(list(xs))
 
     return xyz_module.AxisOption(
         axis.label,
         axis.type,
         apply,
         format_value=axis.format or xyz_module.format_value_add_label,
-        confirm=confirm,
+        confirm=confirm if axis.confirm is not None else None,
         cost=axis.cost,
         choices=axis.choices,
     )
