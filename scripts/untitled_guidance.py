@@ -1,7 +1,8 @@
 """Untitled Guidance: sample with no prompt, and CFG++, PAG, SEG, FreeU, CFG rescale and dynamic
 thresholding, on A1111 1.10 and Forge. An always-visible script; this file only wires the WebUI
-to ``lib_merge.webui`` (controls, infotext and API args in ``guidance_ui``, the sampling hooks in
-the ``a1111`` / ``forge`` adapters, X/Y/Z axes in ``xyz``).
+to ``lib_merge.webui`` (the controls in ``guidance_controls`` and ``guidance_ui``, API args in
+``guidance_args``, infotext in ``guidance_infotext`` and ``guidance_paste``, the sampling hooks in
+the ``a1111`` / ``forge`` adapters, X/Y/Z axes in ``xyz_guidance``).
 
 API: ``"alwayson_scripts": {"untitled guidance": {"args": [{"untitled": "empty", "pag_scale": 3}]}}``
 (one dict by name) or the positional list in the UI's order. Unknown names or bad values fail the
@@ -12,7 +13,17 @@ import gradio as gr
 from modules import script_callbacks, scripts
 
 from lib_merge.errors import BadParameterError
-from lib_merge.webui import guidance_ui, hostdetect, xyz
+from lib_merge.webui import (
+    guidance_args,
+    guidance_controls,
+    guidance_infotext,
+    guidance_log,
+    guidance_paste,
+    guidance_ui,
+    hostdetect,
+    xyz,
+    xyz_guidance,
+)
 
 adapter = hostdetect.adapter()
 # At import: the sampler dropdowns are built from the host's list when the UI is made.
@@ -24,25 +35,25 @@ _STATE_ATTR = "_untitled_guidance_state"
 def resolve(p, args):
     """(settings, error) for this processing object: UI/API args, then X/Y/Z overrides on ``p``."""
     try:
-        controls = guidance_ui.controls_from_args(args)
-        controls = guidance_ui.apply_p_overrides(controls, p)
-        return guidance_ui.settings_from_controls(controls), None
+        controls = guidance_args.controls_from_args(args)
+        controls = xyz_guidance.apply_p_overrides(controls, p)
+        return guidance_controls.settings_from_controls(controls), None
     except BadParameterError as err:
-        return guidance_ui.settings_from_controls({}), err
+        return guidance_controls.settings_from_controls({}), err
 
 
 class UntitledGuidanceScript(scripts.Script):
     sorting_priority = 16  # Forge orders always-visible scripts by this; A1111 ignores it
 
     def title(self):
-        return guidance_ui.TITLE
+        return guidance_log.TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
         components = guidance_ui.build_ui(gr, self.elem_id)
-        self.paste_cache = guidance_ui.PasteCache()
+        self.paste_cache = guidance_paste.PasteCache()
         self.infotext_fields = guidance_ui.infotext_fields(components, self.paste_cache)
         self.paste_field_names = guidance_ui.send_to_names()
         return components
@@ -53,10 +64,10 @@ class UntitledGuidanceScript(scripts.Script):
         settings, error = resolve(p, args)
         setattr(p, _STATE_ATTR, (settings, error))
         if error is not None:
-            guidance_ui.write_infotext(p.extra_generation_params, guidance_ui.settings_from_controls({}))
-            print(f"[{guidance_ui.TITLE}] {error}")
+            guidance_infotext.write_infotext(p.extra_generation_params, guidance_controls.settings_from_controls({}))
+            print(f"[{guidance_log.TITLE}] {error}")
             return
-        guidance_ui.write_infotext(p.extra_generation_params, settings)
+        guidance_infotext.write_infotext(p.extra_generation_params, settings)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         state = getattr(p, _STATE_ATTR, None)
@@ -64,14 +75,14 @@ class UntitledGuidanceScript(scripts.Script):
         try:
             adapter.prepare_sampling(p, settings, error=error)
         except Exception as err:  # never fail an image over guidance; the error says what was skipped
-            print(f"[{guidance_ui.TITLE}] guidance skipped for this pass: {type(err).__name__}: {err}")
+            print(f"[{guidance_log.TITLE}] guidance skipped for this pass: {type(err).__name__}: {err}")
 
     def postprocess_batch(self, p, *args, **kwargs):
         adapter.finish(p)
 
 
 def on_before_ui():
-    xyz.register_axes(guidance_ui.AXES)
+    xyz.register_axes(xyz_guidance.AXES)
 
 
 script_callbacks.on_before_ui(on_before_ui)

@@ -9,7 +9,7 @@ import torch
 from lib_merge.guidance.runner import GuidedDenoiser
 from lib_merge.guidance.settings import GuidanceSettings
 from lib_merge.guidance.stack import GuidanceStack
-from lib_merge.webui import guidance_ui as ui
+from lib_merge.webui import guidance_args, guidance_controls, guidance_ui, xyz_guidance
 from tests.standins import host
 
 
@@ -25,7 +25,7 @@ def a1111():
         script = script_module.UntitledGuidanceScript()
         script.filename = "untitled_guidance.py"
         runner = scripts.ScriptRunner()
-        runner.add(script, len(ui.CONTROLS))
+        runner.add(script, len(guidance_controls.CONTROLS))
         yield _Host(shared, processing, runner, script, script_module)
 
 
@@ -90,9 +90,10 @@ def test_cfgpp_samplers_are_registered_once(a1111):
     from modules import sd_samplers
 
     from lib_merge.webui import a1111 as adapter
+    from lib_merge.webui import cfgpp_samplers
 
     names = adapter.register_samplers()  # the script already registered at import: this is a re-run
-    assert names == list(adapter.CFGPP_SAMPLERS)
+    assert names == list(cfgpp_samplers.CFGPP_SAMPLERS)
     listed = [s.name for s in sd_samplers.all_samplers]
     for name in names:
         assert listed.count(name) == 1 and name in sd_samplers.all_samplers_map
@@ -161,20 +162,20 @@ def test_untitled_skips_the_uncond_rows_and_caches_its_conds(a1111):
 def test_untitled_conditioning_modes(a1111):
     from tests.standins.common.models import A1111Model
 
-    from lib_merge.webui import a1111 as adapter
+    from lib_merge.webui import untitled_conds
 
     model = a1111.shared.sd_model
-    c, uc = adapter.compute_untitled_conds(model, "gibberish", [7, 8], width=64, height=64, steps=4)
-    c2, _ = adapter.compute_untitled_conds(model, "gibberish", [7, 8], width=64, height=64, steps=4)
+    c, uc = untitled_conds.compute_untitled_conds(model, "gibberish", [7, 8], width=64, height=64, steps=4)
+    c2, _ = untitled_conds.compute_untitled_conds(model, "gibberish", [7, 8], width=64, height=64, steps=4)
     assert c is c2 and len(c.batch) == 2
     a, b = (c.batch[i][0].schedules[0].cond for i in range(2))
     assert not torch.equal(a, b)  # one gibberish prompt per seed
     xl = A1111Model("sdxl")
-    c, uc = adapter.compute_untitled_conds(xl, "zero", [1], width=1024, height=768, steps=4)
+    c, uc = untitled_conds.compute_untitled_conds(xl, "zero", [1], width=1024, height=768, steps=4)
     vec = c.batch[0][0].schedules[0].cond["vector"]
     assert torch.count_nonzero(c.batch[0][0].schedules[0].cond["crossattn"]) == 0
     assert torch.count_nonzero(vec[:1280]) == 0 and torch.all(vec[1280:] == (1024 + 768) / 1000.0)  # sizes kept
-    c, uc = adapter.compute_untitled_conds(xl, "empty", [1], width=1024, height=1024, steps=4)
+    c, uc = untitled_conds.compute_untitled_conds(xl, "empty", [1], width=1024, height=1024, steps=4)
     assert torch.count_nonzero(uc[0][0].cond["crossattn"]) == 0 < torch.count_nonzero(c.batch[0][0].schedules[0].cond["crossattn"])
 
 
@@ -252,7 +253,7 @@ def test_cfgpp_sampler_renoises_with_the_uncond(a1111):
     from k_diffusion.external import CompVisDenoiser
     from modules import prompt_parser
 
-    from lib_merge.webui import a1111 as adapter
+    from lib_merge.webui import cfgpp_samplers
 
     settings = GuidanceSettings(cfgpp=0.4)
     p, den, guided = _prepared(a1111, settings, batch_size=1, sampler="Euler CFG++")
@@ -260,7 +261,7 @@ def test_cfgpp_sampler_renoises_with_the_uncond(a1111):
     x = torch.randn(1, 4, 4, 4) * 5.0
     extra = dict(cond=p.c, uncond=p.uc, cond_scale=7.0, s_min_uncond=0.0, image_cond=torch.zeros(1, 5, 1, 1))
     with torch.no_grad():
-        out = adapter.sample_euler_cfgpp(den, x, torch.tensor([5.0, 2.0]), extra_args=extra)
+        out = cfgpp_samplers.sample_euler_cfgpp(den, x, torch.tensor([5.0, 2.0]), extra_args=extra)
         compvis = CompVisDenoiser(a1111.shared.sd_model)
         s = torch.full((1,), 5.0)
         _, c = prompt_parser.reconstruct_multicond_batch(p.c, 0)
@@ -284,13 +285,13 @@ def test_cfgpp_with_another_sampler_is_skipped_with_one_line(a1111, capsys):
 def test_api_dict_positional_and_unknown_name_error(a1111):
     from modules.api import api
 
-    defaults = [c.default for c in ui.CONTROLS]  # what init_default_script_args reads from ui()
+    defaults = [c.default for c in guidance_controls.CONTROLS]  # what init_default_script_args reads from ui()
     req = {"prompt": "a cat", "steps": 2, "batch_size": 1}
     settings = {"pag_scale": 2, "untitled": "zero"}
     status, body = api.text2imgapi({**req, "alwayson_scripts": {"untitled guidance": {"args": [settings]}}}, a1111.runner, defaults)
     assert status == 200 and "UG PAG scale: 2.0" in body["info"][0] and "UG untitled: zero" in body["info"][0]
-    values = ui.controls_from_mapping(settings)
-    positional = [values[c.name] for c in ui.CONTROLS]
+    values = guidance_args.controls_from_mapping(settings)
+    positional = [values[c.name] for c in guidance_controls.CONTROLS]
     status2, body2 = api.text2imgapi({**req, "alwayson_scripts": {"untitled guidance": {"args": positional}}}, a1111.runner, defaults)
     assert status2 == 200 and body2["info"] == body["info"]
     torch.testing.assert_close(body2["images"], body["images"])
@@ -305,12 +306,13 @@ def test_xyz_axes_give_each_cell_its_value_and_infotext(a1111):
     script_callbacks.before_ui_callback()
     script_callbacks.before_ui_callback()  # Reload UI runs it again: no duplicates
     labels = [o.label for o in xyz.axis_options]
-    assert labels.count(ui.axis_label("pag_scale")) == 1 and len(labels) == 2 + len(ui.AXES)
-    opt = next(o for o in xyz.axis_options if o.label == ui.axis_label("pag_scale"))
+    assert labels.count(xyz_guidance.axis_label("pag_scale")) == 1 and len(labels) == 2 + len(xyz_guidance.AXES)
+    opt = next(o for o in xyz.axis_options if o.label == xyz_guidance.axis_label("pag_scale"))
     p = a1111.processing.StableDiffusionProcessingTxt2Img(prompt="a cat", steps=2)
     p.scripts, p.script_args = a1111.runner, ({"pag_scale": 1.0},)
     cells = xyz.run_axis(p, opt, "0, 2.5")
-    assert [c[2] for c in cells] == [f"{ui.axis_label('pag_scale')}: 0.0", f"{ui.axis_label('pag_scale')}: 2.5"]
+    label = xyz_guidance.axis_label("pag_scale")
+    assert [c[2] for c in cells] == [f"{label}: 0.0", f"{label}: 2.5"]
     assert "UG PAG" not in cells[0][1].infotexts[0] and "UG PAG scale: 2.5" in cells[1][1].infotexts[0]
     assert cells[0][0].extra_generation_params is p.extra_generation_params  # shared dict, rewritten per cell
     with pytest.raises(Exception, match="pag_scale"):
@@ -354,12 +356,13 @@ def test_script_ui_and_paste_of_the_seed_infotext(a1111):
     from modules import infotext_utils
 
     components = a1111.script.ui(False)
-    assert len(components) == len(ui.CONTROLS) and a1111.script.paste_field_names == ui.send_to_names()
+    assert len(components) == len(guidance_controls.CONTROLS)
+    assert a1111.script.paste_field_names == guidance_ui.send_to_names()
     params = infotext_utils.parse_generation_parameters(
         "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 4, Seed: 1, Size: 512x512, "
         "SEG Blur Sigma: 11, SEG Start Step: 0, SEG End Step: 2048, PAG Active: True, PAG SANF: True, PAG Scale: 1"
     )
-    updates = dict(zip(ui.CONTROL_NAMES, infotext_utils.paste_values(a1111.script.infotext_fields, params)))
+    updates = dict(zip(guidance_controls.CONTROL_NAMES, infotext_utils.paste_values(a1111.script.infotext_fields, params)))
     assert updates["pag_enabled"] == {"value": True} and updates["pag_scale"] == {"value": 1.0}
     assert updates["seg_enabled"] == {"value": True} and updates["seg_scale"] == {"value": 3.0}
     assert updates["seg_sigma_inf"] == {"value": True} and updates["untitled"] == {"value": "off"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_merge.webui import guidance_ui as ui
+from lib_merge.webui import guidance_controls
 from tests.standins import host
 
 
@@ -20,7 +20,7 @@ def forge():
         script = script_module.UntitledGuidanceScript()
         script.filename = "untitled_guidance.py"
         runner = scripts.ScriptRunner()
-        runner.add(script, len(ui.CONTROLS))
+        runner.add(script, len(guidance_controls.CONTROLS))
         yield _Host(shared, processing, runner, script)
 
 
@@ -125,7 +125,7 @@ def test_builtin_conflict_warning(forge, capsys):
 
     builtin = FreeUIntegrated()
     forge.runner.add(builtin, 7)
-    ours = [None] * len(ui.CONTROLS)
+    ours = [None] * len(guidance_controls.CONTROLS)
     ours[0] = {"freeu_enabled": True}
     forge.run(ours + [True, 1.01, 1.02, 0.99, 0.95, 0.0, 1.0])
     out = capsys.readouterr().out
@@ -146,7 +146,7 @@ def test_cfgpp_samplers_via_add_sampler(forge):
 def test_api_unknown_name_is_an_error_response(forge):
     from modules.api import api
 
-    defaults = [c.default for c in ui.CONTROLS]
+    defaults = [c.default for c in guidance_controls.CONTROLS]
     req = {"prompt": "a cat", "steps": 2, "alwayson_scripts": {"untitled guidance": {"args": [{"seg_sigmaa": 2}]}}}
     status, body = api.text2imgapi(req, forge.runner, defaults)
     assert status == 500 and "seg_sigmaa" in body["errors"]

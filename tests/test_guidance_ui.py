@@ -11,7 +11,9 @@ import pytest
 
 from lib_merge.errors import BadParameterError
 from lib_merge.guidance.settings import GuidanceSettings
-from lib_merge.webui import guidance_ui as ui
+from lib_merge.webui import (
+    guidance_args, guidance_controls, guidance_infotext, guidance_paste, guidance_ui, xyz_guidance,
+)
 from tests.standins.a1111.modules import infotext_utils as itu  # pure: json and re only
 
 SEED_INFOTEXT = "SEG Blur Sigma: 11, SEG Start Step: 0, SEG End Step: 2048, PAG Active: True, PAG SANF: True, PAG Scale: 1"
@@ -39,22 +41,22 @@ def infotext_line(extra: dict) -> str:
 
 def paste(text: str, warn=None) -> dict:
     params = itu.parse_generation_parameters(text)
-    return ui.parse_infotext_params(params, warn=warn or (lambda m: None))
+    return guidance_paste.parse_infotext_params(params, warn=warn or (lambda m: None))
 
 
 def settings_after_paste(text: str, start=None) -> GuidanceSettings:
-    controls = dict(start or ui.CONTROL_DEFAULTS)
+    controls = dict(start or guidance_controls.CONTROL_DEFAULTS)
     controls.update({k: v for k, v in paste(text).items() if v is not None})
-    return ui.settings_from_controls(controls)
+    return guidance_controls.settings_from_controls(controls)
 
 
 # ------------------------------------------------------------------------------ infotext keys
 
 def test_every_key_is_accepted_by_a1111s_infotext_regex():
     key_re = re.compile(r"\w[\w \-/]+")
-    for key in ui.ALL_OUR_KEYS:
+    for key in guidance_infotext.ALL_OUR_KEYS:
         assert key_re.fullmatch(key), key
-    assert len(set(ui.INFOTEXT_KEYS.values())) == len(ui.INFOTEXT_KEYS)
+    assert len(set(guidance_infotext.INFOTEXT_KEYS.values())) == len(guidance_infotext.INFOTEXT_KEYS)
 
 
 @pytest.mark.parametrize("settings", [
@@ -64,7 +66,7 @@ def test_every_key_is_accepted_by_a1111s_infotext_regex():
 ])
 def test_write_then_paste_restores_every_key(settings):
     extra = {}
-    ui.write_infotext(extra, settings)
+    guidance_infotext.write_infotext(extra, settings)
     text = infotext_line(extra)
     params = itu.parse_generation_parameters(text)
     for key in extra:
@@ -74,16 +76,16 @@ def test_write_then_paste_restores_every_key(settings):
 
 def test_only_active_methods_are_written_and_stale_keys_are_replaced():
     extra = {"Other": 1}
-    ui.write_infotext(extra, EVERYTHING_ON)
-    ui.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
-    ours = {k for k in extra if k in ui.ALL_OUR_KEYS}
-    assert ours == {ui.INFOTEXT_KEYS[f] for f in ui.METHOD_FIELDS["pag"]}
+    guidance_infotext.write_infotext(extra, EVERYTHING_ON)
+    guidance_infotext.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
+    ours = {k for k in extra if k in guidance_infotext.ALL_OUR_KEYS}
+    assert ours == {guidance_infotext.INFOTEXT_KEYS[f] for f in guidance_infotext.METHOD_FIELDS["pag"]}
     assert extra["Other"] == 1 and extra["UG PAG scale"] == 2.0
-    ui.write_infotext(extra, GuidanceSettings())
-    assert not ({k for k in extra} & ui.ALL_OUR_KEYS)
+    guidance_infotext.write_infotext(extra, GuidanceSettings())
+    assert not ({k for k in extra} & guidance_infotext.ALL_OUR_KEYS)
     extra = {}
-    ui.write_infotext(extra, GuidanceSettings(rescale_phi=0.5))
-    assert extra[ui.RESCALE_SPACE_KEY] == "v"
+    guidance_infotext.write_infotext(extra, GuidanceSettings(rescale_phi=0.5))
+    assert extra[guidance_infotext.RESCALE_SPACE_KEY] == "v"
 
 
 def test_missing_keys_switch_methods_off_and_keep_sliders():
@@ -127,7 +129,7 @@ def test_incantations_values_are_parsed_not_presence():
 
 def test_our_keys_win_over_legacy_keys():
     extra = {"PAG Active": True, "PAG Scale": 9}
-    ui.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
+    guidance_infotext.write_infotext(extra, GuidanceSettings(pag_scale=2.0))
     assert settings_after_paste(infotext_line(extra)).pag_scale == 2.0
 
 
@@ -173,22 +175,22 @@ def test_unreadable_values_leave_the_method_alone():
 
 def test_paste_cache_parses_once_per_infotext():
     calls = []
-    cache = ui.PasteCache(warn=calls.append)
+    cache = guidance_paste.PasteCache(warn=calls.append)
     params = itu.parse_generation_parameters(SEED_INFOTEXT)
-    getters = [cache.getter(c.name) for c in ui.CONTROLS]
+    getters = [cache.getter(c.name) for c in guidance_controls.CONTROLS]
     values = [g(params) for g in getters]
-    assert values[ui.CONTROL_NAMES.index("pag_scale")] == 1.0
+    assert values[guidance_controls.CONTROL_NAMES.index("pag_scale")] == 1.0
     assert cache.values(params) is cache.values(dict(params))
 
 
 def test_infotext_fields_are_callable_names_for_send_to():
-    comps = [types.SimpleNamespace(value=c.default) for c in ui.CONTROLS]
-    fields = ui.infotext_fields(comps, ui.PasteCache(warn=lambda m: None))
-    names = ui.send_to_names()
+    comps = [types.SimpleNamespace(value=c.default) for c in guidance_controls.CONTROLS]
+    fields = guidance_ui.infotext_fields(comps, guidance_paste.PasteCache(warn=lambda m: None))
+    names = guidance_ui.send_to_names()
     for (_, key), name in zip(fields, names):
         assert callable(key) and key == name and key in names  # "Send to" matches by name, paste calls it
     pasted = itu.paste_values(fields, itu.parse_generation_parameters(SEED_INFOTEXT))
-    by_name = {c.name: v for c, v in zip(ui.CONTROLS, pasted)}
+    by_name = {c.name: v for c, v in zip(guidance_controls.CONTROLS, pasted)}
     assert by_name["pag_scale"] == {"value": 1.0} and by_name["pag_sanf"] == {"value": True}
     assert by_name["freeu_enabled"] == {"value": False} and by_name["freeu_b1"] == {}
 
@@ -196,58 +198,59 @@ def test_infotext_fields_are_callable_names_for_send_to():
 # ------------------------------------------------------------------------------------- API args
 
 def test_api_dict_and_positional_agree():
-    by_name = ui.settings_from_args([{"untitled": "empty", "pag_scale": 3, "seg_scale": 2, "seg_sigma": "inf",
+    by_name = guidance_args.settings_from_args([{"untitled": "empty", "pag_scale": 3, "seg_scale": 2, "seg_sigma": "inf",
                                       "freeu_enabled": True, "rescale_phi": 0.7, "dynthres_enabled": True,
                                       "dynthres_mimic_scale": 5, "cfgpp": 0.5}])
-    positional = [ui.controls_from_settings(by_name)[c.name] for c in ui.CONTROLS]
-    assert ui.settings_from_args(positional) == by_name
+    positional = [guidance_controls.controls_from_settings(by_name)[c.name] for c in guidance_controls.CONTROLS]
+    assert guidance_args.settings_from_args(positional) == by_name
     assert by_name.untitled == "empty" and by_name.pag_scale == 3 and math.isinf(by_name.seg_sigma)
     assert by_name.cfgpp == 0.5 and by_name.rescale_phi == 0.7 and by_name.dynthres_mimic_scale == 5
     # A switch alone uses the UI's default scale; a switch off wins over a scale.
-    assert ui.settings_from_args([{"pag_enabled": True}]).pag_scale == 3.0
-    assert not ui.settings_from_args([{"pag_enabled": False, "pag_scale": 4}]).pag_on
+    assert guidance_args.settings_from_args([{"pag_enabled": True}]).pag_scale == 3.0
+    assert not guidance_args.settings_from_args([{"pag_enabled": False, "pag_scale": 4}]).pag_on
     # A short positional list leaves the rest at their defaults, as A1111 does.
-    assert ui.settings_from_args(["zero"]) == GuidanceSettings(untitled="zero")
+    assert guidance_args.settings_from_args(["zero"]) == GuidanceSettings(untitled="zero")
 
 
 def test_api_errors_name_the_problem():
     with pytest.raises(BadParameterError, match="pag_scal"):
-        ui.settings_from_args([{"pag_scal": 3}])
+        guidance_args.settings_from_args([{"pag_scal": 3}])
     with pytest.raises(BadParameterError, match="untitled"):
-        ui.settings_from_args([{"untitled": "nothing"}])
+        guidance_args.settings_from_args([{"untitled": "nothing"}])
     with pytest.raises(BadParameterError, match="positional"):
-        ui.settings_from_args([None] * (len(ui.CONTROLS) + 1))
+        guidance_args.settings_from_args([None] * (len(guidance_controls.CONTROLS) + 1))
     with pytest.raises(BadParameterError, match="pag_scale"):
-        ui.settings_from_args([{"pag_scale": "a lot"}])
+        guidance_args.settings_from_args([{"pag_scale": "a lot"}])
 
 
 # ---------------------------------------------------------------------------------------- X/Y/Z
 
 def test_axes_cover_every_parameter_and_set_p_attributes():
-    labels = [a.label for a in ui.AXES]
-    assert len(labels) == len(set(labels)) == len(ui.CONTROLS) - 1
+    labels = [a.label for a in xyz_guidance.AXES]
+    assert len(labels) == len(set(labels)) == len(guidance_controls.CONTROLS) - 1
     for name in ("pag_scale", "seg_sigma", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "rescale_phi",
                  "dynthres_mimic_scale", "untitled", "pag_start", "seg_end", "freeu_end"):
-        assert ui.axis_label(name) in labels
-    axis = next(a for a in ui.AXES if a.label == ui.axis_label("pag_scale"))
+        assert xyz_guidance.axis_label(name) in labels
+    axis = next(a for a in xyz_guidance.AXES if a.label == xyz_guidance.axis_label("pag_scale"))
     p = types.SimpleNamespace()
     axis.apply(p, 2.5)
     assert p.untitled_guidance_pag_scale == 2.5
     axis.confirm([0.0, 2.5])
     with pytest.raises(BadParameterError):
         axis.confirm([250.0])
-    mode = next(a for a in ui.AXES if a.label == ui.axis_label("untitled"))
+    mode = next(a for a in xyz_guidance.AXES if a.label == xyz_guidance.axis_label("untitled"))
     assert mode.choices() == ["off", "empty", "zero", "gibberish"]
 
 
 def test_p_overrides_switch_their_method_on():
     p = types.SimpleNamespace(untitled_guidance_pag_scale=2.0, untitled_guidance_freeu_b1=1.5, untitled_guidance_seg_sigma=float("inf"))
-    values = ui.apply_p_overrides(ui.CONTROL_DEFAULTS, p)
-    s = ui.settings_from_controls(values)
+    values = xyz_guidance.apply_p_overrides(guidance_controls.CONTROL_DEFAULTS, p)
+    s = guidance_controls.settings_from_controls(values)
     assert s.pag_scale == 2.0 and s.freeu_enabled and s.freeu_b1 == 1.5
     assert s.seg_on and s.seg_scale == 3.0 and math.isinf(s.seg_sigma)  # a σ axis plots SEG at the UI's scale
     p = types.SimpleNamespace(untitled_guidance_freeu_b1=1.5, untitled_guidance_freeu_enabled=False)
-    assert not ui.settings_from_controls(ui.apply_p_overrides(ui.CONTROL_DEFAULTS, p)).freeu_enabled
+    controls = xyz_guidance.apply_p_overrides(guidance_controls.CONTROL_DEFAULTS, p)
+    assert not guidance_controls.settings_from_controls(controls).freeu_enabled
 
 
 # ---------------------------------------------------------------------------------------- UI
@@ -262,12 +265,12 @@ def _fake_gradio():
 
 def test_build_ui_makes_every_control_in_order():
     gr = _fake_gradio()
-    comps = ui.build_ui(gr, lambda item: f"ug_{item}")
-    assert [c.elem_id for c in comps] == [f"ug_{c.name}" for c in ui.CONTROLS]
-    assert [c.value for c in comps] == [c.default for c in ui.CONTROLS]
+    comps = guidance_ui.build_ui(gr, lambda item: f"ug_{item}")
+    assert [c.elem_id for c in comps] == [f"ug_{c.name}" for c in guidance_controls.CONTROLS]
+    assert [c.value for c in comps] == [c.default for c in guidance_controls.CONTROLS]
     assert all(c.label for c in comps)  # the API's script info needs a label per control
     assert any(isinstance(c, gr.Markdown) and "CFG scale 1" in c.value for c in gr.created)
-    slider = comps[ui.CONTROL_NAMES.index("pag_scale")]
+    slider = comps[guidance_controls.CONTROL_NAMES.index("pag_scale")]
     assert (slider.minimum, slider.maximum) == (0.0, 20.0)
 
 
@@ -284,6 +287,7 @@ def test_webui_modules_import_without_gradio_or_a_host():
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, B())\n"
         "import lib_merge.webui, lib_merge.webui.guidance_ui, lib_merge.webui.xyz, lib_merge.webui.hostdetect\n"
+        "import lib_merge.webui.guidance_args, lib_merge.webui.guidance_paste, lib_merge.webui.xyz_guidance\n"
         "import lib_merge.webui.a1111, lib_merge.webui.forge\n"
         "from lib_merge.webui import hostdetect\n"
         "assert hostdetect.adapter().__name__ == 'lib_merge.webui.a1111'\n"

@@ -20,7 +20,7 @@ runs three times per image and the middle result is discarded, so patching is id
 * ``set_model_output_block_patch``: FreeU on the decoder's (h, h_skip).
 
 Untitled conditioning, step tracking and CFG++ bookkeeping go through the sampler's
-``CFGDenoiser`` exactly as on A1111 (``a1111.GuidedPass``).
+``CFGDenoiser`` exactly as on A1111 (``guided_pass.GuidedPass``).
 """
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ from ..guidance.freeu import freeu_patch
 from ..guidance.pag import identity_attention
 from ..guidance.seg import blur_queries, feature_hw
 from ..guidance.settings import GuidanceSettings
-from . import a1111
-from .a1111 import GuidedPass, StepContext, log, log_once
+from . import a1111, cfgpp_samplers, guidance_log
+from .guidance_log import log, log_once
+from .guided_pass import GuidedPass, StepContext, install_pass
+from .pass_setup import effective_settings, hookable_denoiser, resolve_layers, with_freeu_channels, with_untitled
+from .pass_summary import record_pass
 
 # Shared with A1111: the sampler list and the per-generation log are host-neutral.
-register_samplers = a1111.register_samplers
-new_generation = a1111.new_generation
+register_samplers = cfgpp_samplers.register_samplers
+new_generation = guidance_log.new_generation
 
 ROWS_KEY = "untitled_guidance_rows"
 MARK_KEY = "untitled_guidance"
@@ -333,7 +336,7 @@ def _layer_keys(unet, settings: GuidanceSettings) -> tuple[GuidanceSettings, lis
         if settings.pag_on or settings.seg_on:
             log("the Forge U-Net has no diffusion_model: PAG and SEG skipped")
         return settings.replace(pag_scale=0.0, seg_scale=0.0), [], []
-    settings, pag_layers, seg_layers = a1111.resolve_layers(diffusion_model, settings)
+    settings, pag_layers, seg_layers = resolve_layers(diffusion_model, settings)
     pag_keys = [attn_key(path) for _, path, _ in pag_layers]
     seg_keys = [attn_key(path) for _, path, _ in seg_layers]
     if None in pag_keys or None in seg_keys:
@@ -399,15 +402,13 @@ def patch_unet(p, guided: ForgePass, token: str) -> bool:
 
 def prepare_sampling(p, settings: GuidanceSettings, *, error: Optional[BaseException] = None, token: str = "") -> Optional[ForgePass]:
     """``process_before_every_sampling`` on Forge. Never raises."""
-    denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-    hires = bool(getattr(p, "is_hr_pass", False))
-    if denoiser is None or not hasattr(denoiser, "forward"):
-        if settings.any_on or error is not None:
-            log("this host has no p.sampler.model_wrap_cfg to hook; guidance skipped")
+    denoiser = hookable_denoiser(p, settings, error)
+    if denoiser is None:
         return None
+    hires = bool(getattr(p, "is_hr_pass", False))
     if error is not None:
-        return a1111.install_pass(denoiser, ForgePass(denoiser, settings, hires=hires, error=error))
-    settings = a1111.effective_settings(p, settings)
+        return install_pass(denoiser, ForgePass(denoiser, settings, hires=hires, error=error))
+    settings = effective_settings(p, settings)
     if not settings.any_on:
         return None
     model = getattr(p, "sd_model", None)
@@ -419,19 +420,8 @@ def prepare_sampling(p, settings: GuidanceSettings, *, error: Optional[BaseExcep
         log_once(f"Forge built-in also on: {', '.join(conflicts)}; both will apply. Turn one of them off.")
     unet = getattr(getattr(model, "forge_objects", None), "unet", None)
     settings, pag_keys, seg_keys = _layer_keys(unet, settings)
-    channels = None
-    if settings.freeu_enabled:
-        channels = _model_channels(unet)
-        if channels is None:
-            log("FreeU skipped: the U-Net does not say its model_channels")
-            settings = settings.replace(freeu_enabled=False)
-    untitled = None
-    if settings.untitled != "off":
-        try:
-            untitled = a1111.untitled_for(p, settings, lambda: p.sd_model)
-        except Exception as err:
-            log(f"untitled skipped: could not build its conditioning ({err})")
-            settings = settings.replace(untitled="off")
+    settings, channels = with_freeu_channels(settings, lambda: _model_channels(unet))
+    settings, untitled = with_untitled(p, settings, lambda: p.sd_model)
     if not settings.any_on:
         return None
     cfg = float(getattr(p, "hr_cfg", p.cfg_scale)) if hires and hasattr(p, "hr_cfg") else None
@@ -441,11 +431,11 @@ def prepare_sampling(p, settings: GuidanceSettings, *, error: Optional[BaseExcep
         # Untitled and CFG++ live on the denoiser and still work without the U-Net patches.
         guided.settings = settings = settings.replace(pag_scale=0.0, seg_scale=0.0, freeu_enabled=False, rescale_phi=0.0,
                                                       dynthres_enabled=False)
-    return a1111.record_pass(p, a1111.install_pass(denoiser, guided))
+    return record_pass(p, install_pass(denoiser, guided))
 
 
 def install_minimal_cfgpp(model, settings: GuidanceSettings) -> None:
-    """CFG++ sampler running without the script (``a1111.ensure_cfgpp_driver``)."""
+    """CFG++ sampler running without the script (``cfgpp_samplers.ensure_cfgpp_driver``)."""
     p = getattr(model, "p", None)
     if p is None:
         log("CFG++ sampler: no processing object on the denoiser; cannot guide")

@@ -1,0 +1,167 @@
+"""Paste from the infotext keys of the extensions whose methods we replace: incantations (PAG,
+SEG), sd-webui-freeu and sd-dynamic-thresholding.
+
+Their meanings differ from ours (incantations' SEG has no scale and a σ exponent, sd-webui-freeu's
+window is half-open), so each parser maps the values into our settings fields, never "key present
+⇒ on" alone. These formats belong to other projects, hence a module of their own; we only read
+them (``guidance_infotext`` says why we never write them). ``guidance_paste`` calls a method's
+parser only when none of our own keys for that method is present.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping, Optional
+
+from ..errors import BadParameterError
+from ..guidance.settings import TO_THE_END
+from .guidance_controls import CONTROL_BY_NAME
+from .guidance_infotext import DEFAULT_SETTINGS, Warn, parse_bool, parse_field, parse_float
+
+# A legacy parser's answer for keys that are present but cannot be read: leave the method alone.
+UNREADABLE: Any = object()
+
+
+def _legacy_pag(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """incantations' PAG keys (written only while PAG is active)."""
+    keys = ("PAG Active", "PAG Scale", "PAG Start Step", "PAG End Step", "PAG SANF")
+    if not any(k in params for k in keys):
+        return None
+    try:
+        active = parse_bool(params["PAG Active"]) if "PAG Active" in params else True
+        scale = parse_float(params["PAG Scale"]) if "PAG Scale" in params else CONTROL_BY_NAME["pag_scale"].default
+        fields = {
+            "pag_scale": scale if active else 0.0,
+            "pag_sanf": parse_bool(params.get("PAG SANF", "False")),
+            "pag_start": parse_float(params.get("PAG Start Step", "0")),
+            "pag_end": parse_float(params.get("PAG End Step", str(TO_THE_END))),
+        }
+    except ValueError:
+        warn("incantations PAG keys have an unreadable value; PAG left as it is")
+        return UNREADABLE
+    return fields
+
+
+def _legacy_seg(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """incantations' SEG keys: ``SEG Blur Sigma`` is the exponent n of σ = 2ⁿ, n > 10.5 ⇒ ∞, n = 0 off.
+
+    incantations' SEG has no scale: it blurs the queries of the *uncond* rows and runs plain CFG,
+    D = D_ũ + w(D_c − D_ũ) = D_c + (w − 1)(D_c − D_ũ). With prompt ≡ negative (empty prompts on
+    SD1.x, the untitled case) ũ is the blurred cond pass, so this is paper SEG with s = w − 1; we
+    map it that way (exact there, an approximation with a real prompt). Without a ``CFG scale`` in
+    the infotext the paper's default s = 3 is used.
+    """
+    keys = ("SEG Active", "SEG Blur Sigma", "SEG Start Step", "SEG End Step", "SEG Scale")
+    if not any(k in params for k in keys):
+        return None
+    try:
+        # incantations writes its SEG keys only while SEG is active (an infotext without
+        # "SEG Active" but with the others comes from such a run), so their presence means on.
+        active = parse_bool(params["SEG Active"]) if "SEG Active" in params else True
+        threshold = parse_float(params.get("SEG Blur Threshold", "10.5"))
+        n = parse_float(params.get("SEG Blur Sigma", "11"))
+        if "SEG Scale" in params:  # an early incantations version had a real SEG scale
+            scale = parse_float(params["SEG Scale"])
+        elif "CFG scale" in params:
+            scale = max(parse_float(params["CFG scale"]) - 1.0, 0.0)
+            if scale == 0:
+                warn("incantations SEG at CFG scale ≤ 1 had no effect (it acts through CFG); SEG left off")
+        else:
+            scale = 3.0
+        fields = {
+            "seg_scale": scale if (active and n > 0) else 0.0,
+            "seg_sigma": math.inf if n > threshold else 2.0 ** n,
+            "seg_start": parse_float(params.get("SEG Start Step", "0")),
+            "seg_end": parse_float(params.get("SEG End Step", str(TO_THE_END))),
+        }
+    except ValueError:
+        warn("incantations SEG keys have an unreadable value; SEG left as it is")
+        return UNREADABLE
+    return fields
+
+
+_FREEU_STAGE_DEFAULTS = {
+    "backbone_factor": 1.0, "skip_factor": 1.0, "backbone_offset": 0.0, "backbone_width": 0.5,
+    "skip_cutoff": 0.0, "skip_high_end_factor": 1.0,
+}
+
+
+def _int_or_float(text: str):
+    """sd-webui-freeu's own rule: an integer literal is a step, anything else a float."""
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _legacy_freeu(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """sd-webui-freeu's keys. It has no enable key: it writes them only while enabled and its own
+    paste re-enables (``freeu_png_info_auto_enable``), so their presence means on."""
+    keys = ("FreeU Stages", "FreeU Schedule", "FreeU Version")
+    if not any(k in params for k in keys):
+        return None
+    fields: dict[str, Any] = {"freeu_enabled": True}
+    try:
+        stages = json.loads(params["FreeU Stages"]) if "FreeU Stages" in params else []
+        if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+            raise ValueError("FreeU Stages")
+        full = [{**_FREEU_STAGE_DEFAULTS, **s} for s in stages] + [dict(_FREEU_STAGE_DEFAULTS)] * 2
+        fields["freeu_b1"], fields["freeu_s1"] = float(full[0]["backbone_factor"]), float(full[0]["skip_factor"])
+        fields["freeu_b2"], fields["freeu_s2"] = float(full[1]["backbone_factor"]), float(full[1]["skip_factor"])
+        lost = [f"stage {i + 1} {k}" for i, s in enumerate(full[:2]) for k in
+                ("backbone_offset", "backbone_width", "skip_cutoff", "skip_high_end_factor")
+                if float(s[k]) != _FREEU_STAGE_DEFAULTS[k]]
+        if len(stages) > 2 and any(float(stages[2].get(k, d)) != d for k, d in _FREEU_STAGE_DEFAULTS.items()):
+            lost.append("stage 3 (320 channels)")
+        if lost:
+            warn(f"sd-webui-freeu options we do not have were ignored: {', '.join(lost)}")
+        if "FreeU Version" in params:
+            version = str(params["FreeU Version"]).strip().replace("Version ", "")
+            fields["freeu_version"] = int(version)
+        else:
+            fields["freeu_version"] = 1  # sd-webui-freeu's State default
+        if "FreeU Schedule" in params:
+            start, stop, smooth, *_ = [s.strip() for s in str(params["FreeU Schedule"]).split(",")] + ["0", "1.0", "0"]
+            start_v, stop_v = _int_or_float(start), _int_or_float(stop)
+            fields["freeu_start"] = float(start_v)
+            # sd-webui-freeu's window is start <= step < stop; ours is inclusive at both ends.
+            fields["freeu_end"] = float(stop_v - 1) if isinstance(stop_v, int) else float(stop_v)
+            if float(smooth) != 0:
+                warn(f"sd-webui-freeu transition smoothness {smooth} is not supported; FreeU uses hard window edges")
+    except (ValueError, TypeError, KeyError):
+        warn("sd-webui-freeu keys have an unreadable value; FreeU left as it is")
+        return UNREADABLE
+    return fields
+
+
+_DYNTHRES_LEGACY = {
+    "Mimic scale": "dynthres_mimic_scale",
+    "Threshold percentile": "dynthres_threshold_percentile",
+    "Mimic mode": "dynthres_mimic_mode",
+    "Mimic scale minimum": "dynthres_mimic_scale_min",
+    "CFG mode": "dynthres_cfg_mode",
+    "CFG scale minimum": "dynthres_cfg_scale_min",
+    "Scheduler value": "dynthres_sched_val",
+    "Separate Feature Channels": "dynthres_separate_feature_channels",
+    "Scaling Startpoint": "dynthres_scaling_startpoint",
+    "Variability Measure": "dynthres_variability_measure",
+    "Interpolate Phi": "dynthres_interpolate_phi",
+}
+
+
+def _legacy_dynthres(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """sd-dynamic-thresholding's keys; "Dynamic thresholding enabled" is always written with them."""
+    if "Dynamic thresholding enabled" not in params:
+        return None
+    try:
+        fields: dict[str, Any] = {"dynthres_enabled": parse_bool(params["Dynamic thresholding enabled"])}
+        for key, name in _DYNTHRES_LEGACY.items():
+            fields[name] = parse_field(name, params[key]) if key in params else getattr(DEFAULT_SETTINGS, name)
+    except (ValueError, BadParameterError):
+        warn("sd-dynamic-thresholding keys have an unreadable value; dynamic thresholding left as it is")
+        return UNREADABLE
+    return fields
+
+
+LEGACY_PARSERS = {"pag": _legacy_pag, "seg": _legacy_seg, "freeu": _legacy_freeu, "dynthres": _legacy_dynthres}
