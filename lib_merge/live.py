@@ -11,8 +11,9 @@ it. Unchanged blocks are not touched (not even rewritten with equal values).
 
 A's original value of a key is copied to CPU the first time the key is patched (from the LoRA
 backup when a LoRA is applied); ``restore()`` writes those copies back, so the model returns to A
-bit-exactly. With a cache limit, originals that equal A's file tensor (checked once, at capture)
-are not kept but re-read from the file. Nothing is placed on the model's device except the tensor
+bit-exactly. Originals that are A's file tensor cast to the model's dtype (an upcast model) are
+never copied, and with a cache limit neither are those equal to the file (both checked once, at
+capture): restore re-reads them from the file. Nothing is placed on the model's device except the tensor
 being written. Inputs are mapped once per session; A's bytes come from the RAM originals where
 they equal the file.
 
@@ -327,37 +328,52 @@ class LiveMerge:
 
     # -- originals --------------------------------------------------------------------------------
     def _capture(self, key: str) -> None:
+        """Keep A's value of ``key`` for ``restore``. Not kept when it is A's file tensor cast to the
+        model's dtype (hosts that upcast, e.g. ``--no-half``): restore re-reads the file and the
+        write casts it the same way, so the same bits come back without a RAM copy. Values
+        bit-identical to the file are kept while they fit the cache limit (merges then read A's
+        bytes from RAM); anything else is always kept."""
         if key in self._originals:
             return
-        value = self.target.original(key).detach().to("cpu", copy=True)
+        live = self.target.original(key).detach()
+        borrowed = live.device.type == "cpu" and not live.is_inference()
+        value = live if borrowed else live.to("cpu", copy=True)
         if value.is_inference():
             value = value.clone()
+        match = self._file_match(key, value)
+        if match == "cast":
+            self._originals[key] = None
+            return
         nbytes = value.numel() * value.element_size()
         limit = self.cache_limit_bytes
         with self._capture_lock:
             over = limit is not None and self._cached_bytes + nbytes > limit
-            if not over:
+            if not over or match != "same":
                 self._cached_bytes += nbytes
-        same = self._equals_file(key, value)
-        if over and same:
+        if over and match == "same":
             self._originals[key] = None
             return
-        if over:
-            with self._capture_lock:
-                self._cached_bytes += nbytes
-        self._originals[key] = value
-        if same:
+        self._originals[key] = value.clone() if borrowed else value
+        if match == "same":
             self._same_as_file.add(key)  # merges may read A's bytes from RAM instead of the file
 
-    def _equals_file(self, key: str, value: torch.Tensor) -> bool:
+    def _file_match(self, key: str, value: torch.Tensor) -> str | None:
+        """"same" when A's file holds exactly these bytes, "cast" when A's file tensor cast to
+        ``value``'s dtype gives exactly these bits, else None."""
         try:
             reader = self._reader(str(self.model_a))
         except MergeError:
-            return False
+            return None
         info = reader.infos.get(key)
-        if info is None or info.shape != tuple(value.shape) or info.torch_dtype != value.dtype:
-            return False
-        return torch.equal(reader.get(key).view(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+        if info is None or info.shape != tuple(value.shape):
+            return None
+        stored = reader.get(key)
+        bits = value.reshape(-1).view(torch.uint8)
+        if stored.dtype == value.dtype:
+            return "same" if torch.equal(stored.reshape(-1).view(torch.uint8), bits) else None
+        if not (stored.is_floating_point() and value.is_floating_point()):
+            return None
+        return "cast" if torch.equal(stored.to(value.dtype).reshape(-1).view(torch.uint8), bits) else None
 
     def _original_value(self, key: str) -> torch.Tensor:
         value = self._originals[key]

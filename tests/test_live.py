@@ -150,13 +150,29 @@ def test_restore_from_file_when_cache_limit_is_zero(files):
     assert all(_same_bits(v, original[k]) for k, v in unet.state_dict().items())
 
 
+def test_upcast_originals_are_reread_from_the_file(files):
+    """A host that upcast A's fp16 file to fp32 (``--no-half``): its originals are the file cast,
+    so none is copied to RAM, and restore (re-reading and casting) still gives the same bits."""
+    a, b = files["sd1"][:2]
+    unet = loaded_unet(a, "sd1", torch.float32)
+    original = _snapshot(unet)
+    live = LiveMerge(LiveTarget({PREFIX: unet}), a)
+    live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5))
+    assert live.original_bytes == 0
+    live.restore()
+    assert all(_same_bits(v, original[k]) for k, v in unet.state_dict().items())
+
+
 def test_originals_that_differ_from_the_file_are_kept(files):
     a, b = files["sd1"][:2]
-    unet = loaded_unet(a, "sd1", torch.float32)  # the host upcast the model: not A's fp16 bytes
+    unet = loaded_unet(a, "sd1", torch.float32)
+    changed = "input_blocks.1.0.in_layers.2.weight"  # e.g. another extension edited the weights
+    with torch.no_grad():
+        unet.get_parameter(changed).add_(1e-3)
     original = _snapshot(unet)
     live = LiveMerge(LiveTarget({PREFIX: unet}), a, cache_limit_bytes=0)
     live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5, weights="IN01=1"))
-    assert live.original_bytes > 0
+    assert live.original_bytes == original[changed].numel() * 4
     live.restore()
     assert all(_same_bits(v, original[k]) for k, v in unet.state_dict().items())
 
