@@ -153,13 +153,19 @@ class LiveReport:
     bytes: int = 0
     seconds: float = 0.0
     skipped_keys: int = 0  # keys of the recipe that are not in the loaded model (applied on save)
+    save_only_blocks: list[str] = field(default_factory=list)  # blocks merged in the file but not previewed
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if not self.keys:
-            return "nothing to patch: the model already matches"
-        blocks = ", ".join(self.blocks[:8]) + (f" (+{len(self.blocks) - 8} more)" if len(self.blocks) > 8 else "")
-        return f"patched {self.keys} tensors in {len(self.blocks)} block(s) [{blocks}] in {self.seconds * 1000:.0f} ms"
+            text = "nothing to patch: the model already matches"
+        else:
+            blocks = ", ".join(self.blocks[:8]) + (f" (+{len(self.blocks) - 8} more)" if len(self.blocks) > 8 else "")
+            text = f"patched {self.keys} tensors in {len(self.blocks)} block(s) [{blocks}] in {self.seconds * 1000:.0f} ms"
+        if self.save_only_blocks:
+            text += (f"; {', '.join(self.save_only_blocks)} (text encoders, VAE) is merged into the saved file only — "
+                     f"the preview keeps A's there (set it to 0 to preview exactly what Save writes)")
+        return text
 
 
 def _file_identity(path: Path) -> tuple:
@@ -207,6 +213,7 @@ class LiveMerge:
         self._block_state: dict[str, tuple | None] = {}  # block -> signature it holds (absent: A)
         self._jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
         self._skipped = 0
+        self._skipped_blocks: set[str] = set()
         self._capture_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         # One thread by default: the kernels are memory-bound and torch's own intra-op threads
@@ -300,17 +307,19 @@ class LiveMerge:
             layout = self._layout()
             by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
             skipped = 0
+            skipped_blocks: set[str] = set()
             for job in plan.jobs:
                 if job.action != "merge":
                     continue
                 found = layout.get(job.key)
                 if found is None or found[0] != tuple(job.shape):
                     skipped += 1  # not in the loaded model (VAE, text encoders): merged on save only
+                    skipped_blocks.add(job.block)
                     continue
                 # The recipe's output dtype, as in the saved file: the model then holds exactly
                 # what loading that file would give it (cast on write when its dtype differs).
                 by_block.setdefault(job.block, []).append((job, output_dtype(recipe.dtype)))
-            self._jobs_by_block, self._skipped = by_block, skipped
+            self._jobs_by_block, self._skipped, self._skipped_blocks = by_block, skipped, skipped_blocks
             return plan
         return cached[1]
 
@@ -392,6 +401,8 @@ class LiveMerge:
             plan = self._plan(recipe)
             per_block, _ = block_parameters(plan, recipe)
             report = LiveReport(warnings=list(plan.warnings), skipped_keys=self._skipped)
+            # Blocks whose keys the loaded model lacks and whose merge is not A: the file differs there.
+            report.save_only_blocks = sorted(b for b in self._skipped_blocks if b in per_block and not per_block[b][1])
             work: list[tuple[KeyJob, tuple | None]] = []
             block_sigs: dict[str, tuple | None] = {}
             for block, jobs in self._jobs_by_block.items():

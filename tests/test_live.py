@@ -219,6 +219,20 @@ def test_extrapolation_overflow_is_caught_although_inputs_are_finite(files, tmp_
     live.close()
 
 
+def test_report_says_when_the_file_differs_from_the_preview(files):
+    """The loaded model here is a U-Net alone: a BASE ratio that merges the text encoder is in the
+    saved file only, and the report says so; BASE = 0 previews exactly what Save writes."""
+    a, b = files["sd1"][:2]
+    unet = loaded_unet(a, "sd1", torch.float16)
+    live = LiveMerge(LiveTarget({PREFIX: unet}), a)
+    report = live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5))
+    assert report.skipped_keys > 0 and report.save_only_blocks == ["BASE"]
+    assert "BASE (text encoders, VAE) is merged into the saved file only" in report.summary()
+    report = live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5, weights="BASE=0"))
+    assert report.save_only_blocks == [] and "saved file only" not in report.summary()
+    live.close()
+
+
 def test_model_a_must_be_the_loaded_model(files):
     a, b = files["sd1"][:2]
     unet = loaded_unet(a, "sd1", torch.float16)
