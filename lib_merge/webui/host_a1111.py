@@ -10,6 +10,7 @@ from those backups when a LoRA is applied.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -56,7 +57,8 @@ class A1111Target(LiveTarget):
     def check(self) -> None:
         from ..live import LiveMergeError
 
-        if any(p.device.type == "meta" for p in list(self.modules[UNET_PREFIX].parameters())[:4]):
+        # A few parameters tell (the host moves whole models): walking all 700 would cost more than a patch.
+        if any(p.device.type == "meta" for p in itertools.islice(self.modules[UNET_PREFIX].parameters(), 4)):
             raise LiveMergeError("the WebUI unloaded the model (its weights are gone); load a checkpoint again")
 
     def _owner(self, key: str) -> tuple[torch.nn.Module, str]:

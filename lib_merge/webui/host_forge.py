@@ -15,6 +15,7 @@ inside it.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -44,6 +45,7 @@ class ForgeTarget(LiveTarget):
         self.owner = sd_model
         self._backup_lock = threading.Lock()
         self._relora = False
+        self._storage_checked = False
 
     def identity(self) -> tuple:
         return (id(self.owner), id(self.kmodel), id(self.kmodel.diffusion_model))
@@ -52,7 +54,10 @@ class ForgeTarget(LiveTarget):
         storage = getattr(self.kmodel, "storage_dtype", None)
         if storage is not None and storage not in _FLOAT_STORAGE:
             raise LiveMergeError(STORAGE_MESSAGE.format(what=storage))
-        for name, param in self.kmodel.diffusion_model.named_parameters():
+        # The storage of this model object is fixed (Forge reloads into a new object when it changes):
+        # every parameter is checked once; later only a few, for an unload to the meta device.
+        params = self.kmodel.diffusion_model.parameters()
+        for param in params if not self._storage_checked else itertools.islice(params, 4):
             if getattr(param, "bnb_quantized", None) is not None:
                 raise LiveMergeError(STORAGE_MESSAGE.format(what="bitsandbytes nf4/fp4"))
             if getattr(param, "gguf_cls", None) is not None:
@@ -61,6 +66,7 @@ class ForgeTarget(LiveTarget):
                 raise LiveMergeError(STORAGE_MESSAGE.format(what=str(param.dtype).replace("torch.", "")))
             if param.device.type == "meta":
                 raise LiveMergeError("Forge unloaded the model (its weights are gone); generate once to load it again")
+        self._storage_checked = True
 
     def _loader(self):
         return getattr(self.kmodel, "lora_loader", None)
