@@ -377,12 +377,21 @@ class LiveMerge:
         if info is None or info.shape != tuple(value.shape):
             return None
         stored = reader.get(key)
-        bits = value.reshape(-1).view(torch.uint8)
         if stored.dtype == value.dtype:
-            return "same" if torch.equal(stored.reshape(-1).view(torch.uint8), bits) else None
+            return "same" if _same_bits(stored, value) else None
         if not (stored.is_floating_point() and value.is_floating_point()):
             return None
-        return "cast" if torch.equal(stored.to(value.dtype).reshape(-1).view(torch.uint8), bits) else None
+        # Cast a chunk at a time into a reused buffer: a whole-tensor cast would allocate (and
+        # page-fault) as much fresh memory as the model holds, once per session.
+        flat_stored, flat_value = stored.reshape(-1), value.reshape(-1)
+        buffer = _scratch.get(value.dtype, min(LIVE_CHUNK, flat_value.numel()))
+        for start in range(0, flat_value.numel(), LIVE_CHUNK):
+            stop = min(start + LIVE_CHUNK, flat_value.numel())
+            cast = buffer[: stop - start]
+            cast.copy_(flat_stored[start:stop])
+            if not _same_bits(cast, flat_value[start:stop]):
+                return None
+        return "cast"
 
     def _original_value(self, key: str) -> torch.Tensor:
         value = self._originals[key]
@@ -723,6 +732,18 @@ class _ScratchBuffers(threading.local):
 
 
 _scratch = _ScratchBuffers()
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN payloads and signed zeros included), compared as integers of the
+    element's width, which torch compares several times faster than bytes."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = _INT_OF_SIZE[a.element_size()]
+    return torch.equal(a.reshape(-1).view(as_int), b.reshape(-1).view(as_int))
 
 
 def block_parameters(plan: MergePlan, recipe: Recipe) -> tuple[dict[str, tuple[dict, bool, tuple[int, ...]]], dict]:
