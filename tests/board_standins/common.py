@@ -6,6 +6,9 @@ import collections
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 class FIFOLock:
@@ -149,10 +152,56 @@ def create_infotext(p) -> str:
     return f"{p.prompt}\n" + ", ".join(f"{k}: {quote(v)}" for k, v in params.items())
 
 
+@dataclass
+class StableDiffusionProcessingTxt2Img:
+    """processing.StableDiffusionProcessingTxt2Img: the fields the board and X/Y/Z set."""
+
+    sd_model: Any = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    cfg_scale: float = 7.0
+    sampler_name: str = "Euler a"
+    batch_size: int = 1
+    n_iter: int = 1
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    extra_generation_params: dict = None
+    override_settings: dict = None
+    scripts: Any = None
+    script_args: Any = None
+
+    def __post_init__(self):
+        self.extra_generation_params = self.extra_generation_params or {}
+
+    def close(self):
+        pass
+
+
+def fingerprint(unet) -> float:
+    """Stands in for an image: one number that depends on every weight."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in unet.parameters()))
+
+
+def processed_from(p, unet) -> Processed:
+    """The Processed of one txt2img run: an 8x8 image standing in for the decoded latent (its
+    ``info["fingerprint"]`` depends on every weight of the U-Net that sampled) and the infotext."""
+    from PIL import Image
+
+    value = fingerprint(unet)
+    image = Image.new("RGB", (8, 8), (int(abs(value)) % 256, 0, 0))
+    image.info["fingerprint"] = value
+    return Processed([image], [create_infotext(p)])
+
+
 def exec_shared(name: str, namespace: dict) -> None:
     """Run ``shared_src/<name>.py`` inside a host's own ``modules.<name>`` namespace. Both hosts ship
-    these files identically; executing (not importing) the one source keeps each installed host's
-    module state fresh, as a real import of its own copy would."""
+    that module, or that part of it, alike; executing (not importing) the one source keeps each
+    installed host's module state fresh, as a real import of its own copy would."""
     from pathlib import Path
 
     path = Path(__file__).with_name("shared_src") / f"{name}.py"

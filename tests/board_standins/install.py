@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import os
 import sys
+
+from tests.standins.common import load_script_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ("modules", "modules_forge", "backend", "networks", "xyz_grid", "xyz_grid.py", "merge_board.py")
@@ -39,24 +40,8 @@ def installed(host: str):
 def load_entry_script():
     """Import scripts/merge_board.py as the WebUI does (module named after the file) and list its
     Script class in scripts_data."""
-    from modules import scripts
-
-    path = os.path.join(REPO, "scripts", "merge_board.py")
-    spec = importlib.util.spec_from_file_location("merge_board.py", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["merge_board.py"] = module
-    spec.loader.exec_module(module)
-    scripts.scripts_data.append(scripts.ScriptClassData(module.MergeBoardLivePreview, path, REPO, module))
-    return module
+    return load_script_file(os.path.join(REPO, "scripts", "merge_board.py"), "MergeBoardLivePreview", REPO)
 
 
 def load_xyz_grid():
-    from modules import scripts
-
-    path = os.path.join(ROOT, "xyz_grid.py")
-    spec = importlib.util.spec_from_file_location("xyz_grid.py", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["xyz_grid.py"] = module
-    spec.loader.exec_module(module)
-    scripts.scripts_data.append(scripts.ScriptClassData(module.Script, path, ROOT, module))
-    return module
+    return load_script_file(os.path.join(ROOT, "xyz_grid.py"), "Script", ROOT)

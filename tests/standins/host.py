@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from tests.standins.common import load_script_file
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HOST_PACKAGES = ("modules", "k_diffusion", "backend", "modules_forge", "gradio", "untitled_guidance", "xyz_grid")
 
@@ -27,14 +29,7 @@ def _forget_adapter_state() -> None:
 
 def load_script():
     """Import scripts/untitled_guidance.py the way the WebUI does (module named after the file)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(ROOT)), "scripts", "untitled_guidance.py")
-    spec = importlib.util.spec_from_file_location("untitled_guidance.py", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["untitled_guidance.py"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script_file(os.path.join(os.path.dirname(os.path.dirname(ROOT)), "scripts", "untitled_guidance.py"))
 
 
 @contextlib.contextmanager
@@ -66,14 +61,4 @@ def installed(host: str):
 
 def load_xyz_grid():
     """Load the X/Y/Z stand-in as the WebUI loads scripts/xyz_grid.py and list it in scripts_data."""
-    import importlib.util
-
-    from modules import scripts
-
-    path = os.path.join(ROOT, "common", "xyz_grid.py")
-    spec = importlib.util.spec_from_file_location("xyz_grid.py", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["xyz_grid.py"] = module
-    spec.loader.exec_module(module)
-    scripts.scripts_data.append(scripts.ScriptClassData(module.Script, path, ROOT, module))
-    return module
+    return load_script_file(os.path.join(ROOT, "common", "xyz_grid.py"), "Script", ROOT)

@@ -1,44 +1,17 @@
 """modules/sd_models.py of A1111 1.10: checkpoint list, model_data, load / reload with the
 same-object reuse of sd_checkpoints_limit == 1, on_model_loaded after every load."""
 import types
-from pathlib import Path
 
 import torch
 
-from modules import script_callbacks, shared
-from tests.board_standins.common import CheckpointInfo as _Info
+from modules import script_callbacks
+from tests.board_standins.common import exec_shared
 
-model_path = ""
-checkpoints_list = {}
-checkpoint_aliases = {}
-
-
-class CheckpointInfo(_Info):
-    def __init__(self, filename):
-        super().__init__(filename, model_path)
-
-    def register(self):
-        checkpoints_list[self.title] = self
-        checkpoint_aliases[self.name] = self
-
-
-def list_models():
-    checkpoints_list.clear()
-    checkpoint_aliases.clear()
-    for path in sorted(Path(model_path).rglob("*.safetensors")):
-        CheckpointInfo(str(path)).register()
+exec_shared("sd_models", globals())  # the checkpoint list, alike in both hosts
 
 
 def checkpoint_tiles(use_short=False):
-    return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
-
-
-def get_closet_checkpoint_match(search_string):
-    return checkpoint_aliases.get(search_string) or checkpoints_list.get(search_string)
-
-
-def select_checkpoint():
-    return get_closet_checkpoint_match(shared.opts.sd_model_checkpoint) or next(iter(checkpoints_list.values()), None)
+    return [x.short_title if use_short else x.title for x in checkpoints_list.values()]  # noqa: F821  (shared part)
 
 
 class FakeLatentDiffusion(torch.nn.Module):
@@ -80,7 +53,7 @@ model_data = SdModelData()
 
 
 def load_model(checkpoint_info=None):
-    info = checkpoint_info or select_checkpoint()
+    info = checkpoint_info or select_checkpoint()  # noqa: F821  (shared part)
     model = FakeLatentDiffusion(unet_factory(info.filename))
     load_model_weights(model, info)
     model_data.sd_model = model
@@ -90,7 +63,7 @@ def load_model(checkpoint_info=None):
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
-    info = info or select_checkpoint()
+    info = info or select_checkpoint()  # noqa: F821  (shared part)
     sd_model = sd_model or model_data.sd_model
     if sd_model is None:
         return load_model(info)

@@ -1,41 +1,11 @@
 """modules/processing.py of Forge: model reload, per-batch forge_objects resets, the LoRA clone
 from extra networks, process_before_every_sampling right before sampling, then the GPU load that
-calls the patcher's refresh_loras()."""
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-
+calls the patcher's refresh_loras(). The p and the image stand-in are shared with A1111
+(../common.py)."""
 from modules import sd_models
-from tests.board_standins.common import Processed, create_infotext
+from tests.board_standins.common import Processed, StableDiffusionProcessingTxt2Img, create_infotext, fingerprint, processed_from  # noqa: F401
 
 active_loras = []  # [(filename, {param name: delta})], set by the test (stands in for <lora:...> in the prompt)
-
-
-@dataclass
-class StableDiffusionProcessingTxt2Img:
-    sd_model: Any = None
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    width: int = 512
-    height: int = 512
-    cfg_scale: float = 7.0
-    sampler_name: str = "Euler a"
-    batch_size: int = 1
-    n_iter: int = 1
-    do_not_save_samples: bool = False
-    do_not_save_grid: bool = False
-    extra_generation_params: dict = None
-    scripts: Any = None
-    script_args: Any = None
-
-    def __post_init__(self):
-        self.extra_generation_params = self.extra_generation_params or {}
-
-    def close(self):
-        pass
 
 
 def _load_networks(sd):
@@ -52,11 +22,6 @@ def _load_networks(sd):
     sd.forge_objects_after_applying_lora = sd.forge_objects.shallow_copy()
 
 
-def fingerprint(unet) -> float:
-    with torch.no_grad():
-        return float(sum(p.double().sum() for p in unet.parameters()))
-
-
 def process_images(p):
     p.sd_model, _ = sd_models.forge_model_reload()
     sd = p.sd_model
@@ -70,12 +35,7 @@ def process_images(p):
     if p.scripts is not None:
         p.scripts.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
     sd.forge_objects.unet.refresh_loras()
-    from PIL import Image
-
-    value = fingerprint(sd.forge_objects.unet.model.diffusion_model)
-    image = Image.new("RGB", (8, 8), (int(abs(value)) % 256, 0, 0))
-    image.info["fingerprint"] = value
-    res = Processed([image], [create_infotext(p)])
+    res = processed_from(p, sd.forge_objects.unet.model.diffusion_model)
     if p.scripts is not None:
         p.scripts.postprocess(p, res)
     return res

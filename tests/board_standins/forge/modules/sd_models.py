@@ -1,44 +1,17 @@
 """modules/sd_models.py of Forge: FakeInitialModel until the first generation, forge_model_reload
 driven by forge_loading_parameters (a new ForgeDiffusionEngine object per load, under
 torch.inference_mode), reload_model_weights a no-op stub."""
-from pathlib import Path
 
 import torch
 
-from modules import script_callbacks, shared
-from tests.board_standins.common import CheckpointInfo as _Info
+from modules import script_callbacks
+from tests.board_standins.common import exec_shared
 
-model_path = ""
-checkpoints_list = {}
-checkpoint_aliases = {}
-
-
-class CheckpointInfo(_Info):
-    def __init__(self, filename):
-        super().__init__(filename, model_path)
-
-    def register(self):
-        checkpoints_list[self.title] = self
-        checkpoint_aliases[self.name] = self
-
-
-def list_models():
-    checkpoints_list.clear()
-    checkpoint_aliases.clear()
-    for path in sorted(Path(model_path).rglob("*.safetensors")):
-        CheckpointInfo(str(path)).register()
+exec_shared("sd_models", globals())  # the checkpoint list, alike in both hosts
 
 
 def checkpoint_tiles(use_short=False):
-    return [x.name for x in checkpoints_list.values()]  # Forge returns names, not titles
-
-
-def get_closet_checkpoint_match(search_string):
-    return checkpoint_aliases.get(search_string) or checkpoints_list.get(search_string)
-
-
-def select_checkpoint():
-    return get_closet_checkpoint_match(shared.opts.sd_model_checkpoint) or next(iter(checkpoints_list.values()), None)
+    return [x.name for x in checkpoints_list.values()]  # noqa: F821  (Forge returns names, not titles)
 
 
 class FakeInitialModel:
@@ -77,7 +50,7 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):
 
 
 def refresh_model_loading_parameters(unet_storage_dtype=None):
-    model_data.forge_loading_parameters = dict(checkpoint_info=select_checkpoint(), additional_modules=[],
+    model_data.forge_loading_parameters = dict(checkpoint_info=select_checkpoint(), additional_modules=[],  # noqa: F821  (shared part)
                                                unet_storage_dtype=unet_storage_dtype)
 
 

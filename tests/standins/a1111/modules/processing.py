@@ -1,7 +1,9 @@
 """modules/processing.py (v1.10.1): the generation flow scripts see (process -> process_batch ->
 setup_conds -> sample, where ``process_before_every_sampling`` runs right before each
 ``sampler.sample``/``sample_img2img`` with ``p.sampler`` created, the hires pass, postprocess_batch)
-and ``create_infotext``'s joining of ``extra_generation_params``."""
+and ``create_infotext``'s joining of ``extra_generation_params``. Forge's stand-in imports what Forge
+kept: ImageRNG, Processed, the StableDiffusionProcessing fields, prompts, conds and hires set-up,
+create_infotext."""
 from __future__ import annotations
 
 import torch
@@ -27,7 +29,9 @@ class Processed:
         self.extra_generation_params = p.extra_generation_params
 
 
-class StableDiffusionProcessingTxt2Img:
+class StableDiffusionProcessing:
+    """With the txt2img hires fields too (the hosts keep those on the subclass; we have only that one)."""
+
     def __init__(self, prompt="", negative_prompt="", seed=1, steps=4, cfg_scale=7.0, width=32, height=32, batch_size=1,
                  sampler_name="Euler", enable_hr=False, hr_scale=2.0, denoising_strength=0.5, hr_second_pass_steps=0,
                  hr_sampler_name=None, s_min_uncond=0.0, eta=None, extra_generation_params=None):
@@ -54,16 +58,38 @@ class StableDiffusionProcessingTxt2Img:
         self.all_negative_prompts = [self.negative_prompt] * self.batch_size
         self.all_seeds = [int(self.seed) + i for i in range(self.batch_size)]
 
+    def _conds(self, width, height, with_uncond=True):
+        uc = prompt_parser.get_learned_conditioning(
+            self.sd_model, prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True, width=width, height=height), self.steps) if with_uncond else None
+        c = prompt_parser.get_multicond_learned_conditioning(self.sd_model, prompt_parser.SdConditioning(self.prompts, width=width, height=height), self.steps)
+        return c, uc
+
     def setup_conds(self):
-        model = self.sd_model
-        self.uc = prompt_parser.get_learned_conditioning(
-            model, prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True, width=self.width, height=self.height), self.steps)
-        self.c = prompt_parser.get_multicond_learned_conditioning(
-            model, prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height), self.steps)
+        self.c, self.uc = self._conds(self.width, self.height)
 
     def txt2img_image_conditioning(self, x):
         return x.new_zeros(x.shape[0], 5, 1, 1)
 
+    def _start_hr_pass(self, samples, with_uncond=True):
+        """-> (upscaled samples, noise); sets the hires sampler, rng and ``hr_c``/``hr_uc``."""
+        self.is_hr_pass = True
+        self.hr_upscale_to_x, self.hr_upscale_to_y = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
+        self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
+        samples = torch.nn.functional.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
+        self.rng = ImageRNG(samples.shape[1:], self.seeds)
+        noise = self.rng.next()
+        self.hr_c, self.hr_uc = self._conds(self.hr_upscale_to_x, self.hr_upscale_to_y, with_uncond)
+        return samples, noise
+
+    def _finish_hr_pass(self, samples, noise):
+        """Sample at the hires size, then leave the hires pass."""
+        samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc, steps=self.hr_second_pass_steps or self.steps,
+                                              image_conditioning=self.txt2img_image_conditioning(samples))
+        self.is_hr_pass = False
+        return samples
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         x = self.rng.next()
@@ -75,34 +101,13 @@ class StableDiffusionProcessingTxt2Img:
         return self.sample_hr_pass(samples)
 
     def sample_hr_pass(self, samples):
-        self.is_hr_pass = True
-        self.hr_upscale_to_x, self.hr_upscale_to_y = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
-        self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
-        samples = torch.nn.functional.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
-        self.rng = ImageRNG(samples.shape[1:], self.seeds)
-        noise = self.rng.next()
-        self.hr_uc = prompt_parser.get_learned_conditioning(
-            self.sd_model, prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True, width=self.hr_upscale_to_x, height=self.hr_upscale_to_y), self.steps)
-        self.hr_c = prompt_parser.get_multicond_learned_conditioning(
-            self.sd_model, prompt_parser.SdConditioning(self.prompts, width=self.hr_upscale_to_x, height=self.hr_upscale_to_y), self.steps)
+        samples, noise = self._start_hr_pass(samples)
         if self.scripts is not None:
             self.scripts.before_hr(self)
             self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
-        samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc, steps=self.hr_second_pass_steps or self.steps,
-                                              image_conditioning=self.txt2img_image_conditioning(samples))
+        samples = self._finish_hr_pass(samples, noise)
         self.sampler = None
-        self.is_hr_pass = False
         return samples
-
-
-def create_infotext(p, index=0):
-    generation_params = {
-        "Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": p.all_seeds[index],
-        "Size": f"{p.width}x{p.height}", **p.extra_generation_params,
-    }
-    text = ", ".join([k if k == v else f"{k}: {infotext_utils.quote(v)}" for k, v in generation_params.items() if v is not None])
-    negative = f"\nNegative prompt: {p.all_negative_prompts[index]}" if p.all_negative_prompts[index] else ""
-    return f"{p.all_prompts[index]}{negative}\n{text}".strip()
 
 
 def process_images(p) -> Processed:
@@ -116,3 +121,13 @@ def process_images(p) -> Processed:
     if p.scripts is not None:
         p.scripts.postprocess_batch(p, samples, batch_number=0)
     return Processed(p, samples, [create_infotext(p, i) for i in range(len(p.all_prompts))])
+
+
+def create_infotext(p, index=0):
+    generation_params = {
+        "Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": p.all_seeds[index],
+        "Size": f"{p.width}x{p.height}", **p.extra_generation_params,
+    }
+    text = ", ".join([k if k == v else f"{k}: {infotext_utils.quote(v)}" for k, v in generation_params.items() if v is not None])
+    negative = f"\nNegative prompt: {p.all_negative_prompts[index]}" if p.all_negative_prompts[index] else ""
+    return f"{p.all_prompts[index]}{negative}\n{text}".strip()

@@ -8,6 +8,7 @@ import torch
 from modules import prompt_parser, sd_samplers_common
 from modules import shared
 from modules.shared import state
+from tests.standins.common.cfg_denoiser import CFGDenoiserCommon
 
 
 def catenate_conds(conds):
@@ -22,37 +23,13 @@ def subscript_cond(cond, a, b):
     return {key: vec[a:b] for key, vec in cond.items()}
 
 
-class CFGDenoiser(torch.nn.Module):
+class CFGDenoiser(CFGDenoiserCommon):
     def __init__(self, sampler):
-        super().__init__()
-        self.model_wrap = None
-        self.mask = None
-        self.nmask = None
-        self.init_latent = None
-        self.steps = None
-        self.total_steps = None
-        self.step = 0
-        self.image_cfg_scale = None
-        self.padded_cond_uncond = False
-        self.padded_cond_uncond_v0 = False
-        self.sampler = sampler
-        self.p = None
-        self.cond_scale_miltiplier = 1.0
-        self.need_last_noise_uncond = False
-        self.last_noise_uncond = None
-        self.inner_calls = 0
-
-    @property
-    def inner_model(self):
-        raise NotImplementedError()
+        super().__init__(sampler)
+        self.cond_scale_miltiplier = 1.0  # A1111's alone (Forge has none)
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
-        denoised_uncond = x_out[-uncond.shape[0]:]
-        denoised = torch.clone(denoised_uncond)
-        for i, conds in enumerate(conds_list):
-            for cond_index, weight in conds:
-                denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
-        return denoised
+        return self._combine_cfg(x_out, conds_list, uncond, cond_scale)
 
     def get_pred_x0(self, x_in, x_out, sigma):
         return x_out

@@ -1,38 +1,10 @@
-"""modules/sd_samplers.py (Forge): as A1111's, plus ``add_sampler`` (rebinds all_samplers_map)."""
-import functools
-
-from modules import sd_samplers_kdiffusion, shared
+"""modules/sd_samplers.py (Forge): all_samplers (k-diffusion only here), the part shared with A1111
+(../../shared_src/sd_samplers.py), plus ``add_sampler`` (rebinds all_samplers_map)."""
+from modules import sd_samplers_kdiffusion
+from tests.standins.common import exec_shared
 
 all_samplers = [*sd_samplers_kdiffusion.samplers_data_k_diffusion]
-all_samplers_map = {x.name: x for x in all_samplers}
-samplers = []
-samplers_for_img2img = []
-samplers_map = {}
-samplers_hidden = {}
-
-
-def find_sampler_config(name):
-    return all_samplers_map.get(name, None) if name is not None else all_samplers[0]
-
-
-def create_sampler(name, model):
-    config = find_sampler_config(name)
-    assert config is not None, f"bad sampler name: {name}"
-    sampler = config.constructor(model)
-    sampler.config = config
-    return sampler
-
-
-def set_samplers():
-    global samplers, samplers_for_img2img, samplers_hidden
-    samplers_hidden = set(shared.opts.hide_samplers)
-    samplers = all_samplers
-    samplers_for_img2img = all_samplers
-    samplers_map.clear()
-    for sampler in all_samplers:
-        samplers_map[sampler.name.lower()] = sampler.name
-        for alias in sampler.aliases:
-            samplers_map[alias.lower()] = sampler.name
+exec_shared("sd_samplers", globals())
 
 
 def add_sampler(sampler):
@@ -40,13 +12,4 @@ def add_sampler(sampler):
     if sampler.name not in [x.name for x in all_samplers]:
         all_samplers.append(sampler)
         all_samplers_map = {x.name: x for x in all_samplers}
-        set_samplers()
-
-
-@functools.cache
-def get_sampler_and_scheduler(sampler_name, scheduler_name, *, convert_automatic=True):
-    sampler = all_samplers_map.get(sampler_name or samplers[0].name, samplers[0])
-    return sampler.name, "Automatic"
-
-
-set_samplers()
+        set_samplers()  # noqa: F821  (shared part)

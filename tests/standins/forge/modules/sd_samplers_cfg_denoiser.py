@@ -1,11 +1,10 @@
 """modules/sd_samplers_cfg_denoiser.py (Forge): CFGDenoiser.forward hands the reconstructed conds to
 backend's sampling_function; hires CFG, "skip early CFG" and NGMS only change cond_scale."""
-import torch
-
 from backend.sampling.sampling_function import sampling_function
 from modules import prompt_parser, sd_samplers_common
 from modules import shared
 from modules.shared import state
+from tests.standins.common.cfg_denoiser import CFGDenoiserCommon
 
 
 class CFGDenoiserParams:
@@ -15,33 +14,9 @@ class CFGDenoiserParams:
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
-class CFGDenoiser(torch.nn.Module):
-    def __init__(self, sampler):
-        super().__init__()
-        self.model_wrap = None
-        self.mask = None
-        self.nmask = None
-        self.init_latent = None
-        self.steps = None
-        self.total_steps = None
-        self.step = 0
-        self.image_cfg_scale = None
-        self.sampler = sampler
-        self.p = None
-        self.need_last_noise_uncond = False
-        self.last_noise_uncond = None
-
-    @property
-    def inner_model(self):
-        raise NotImplementedError()
-
+class CFGDenoiser(CFGDenoiserCommon):
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale, timestep, x_in, cond):
-        denoised_uncond = x_out[-uncond.shape[0]:]
-        denoised = torch.clone(denoised_uncond)
-        for i, conds in enumerate(conds_list):
-            for cond_index, weight in conds:
-                denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
-        return denoised
+        return self._combine_cfg(x_out, conds_list, uncond, cond_scale)
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if state.interrupted or state.skipped:
