@@ -154,6 +154,7 @@ class LiveReport:
     seconds: float = 0.0
     skipped_keys: int = 0  # keys of the recipe that are not in the loaded model (applied on save)
     save_only_blocks: list[str] = field(default_factory=list)  # blocks merged in the file but not previewed
+    save_only_parts: list[str] = field(default_factory=list)  # what of them: "text encoders", "VAE"…
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -163,8 +164,9 @@ class LiveReport:
             blocks = ", ".join(self.blocks[:8]) + (f" (+{len(self.blocks) - 8} more)" if len(self.blocks) > 8 else "")
             text = f"patched {self.keys} tensors in {len(self.blocks)} block(s) [{blocks}] in {self.seconds * 1000:.0f} ms"
         if self.save_only_blocks:
-            text += (f"; {', '.join(self.save_only_blocks)} (text encoders, VAE) is merged into the saved file only — "
-                     f"the preview keeps A's there (set it to 0 to preview exactly what Save writes)")
+            parts = ", ".join(self.save_only_parts) or "some keys"
+            text += (f"; {', '.join(self.save_only_blocks)} merges the {parts} into the saved file only — the "
+                     f"preview keeps A's (set {'/'.join(self.save_only_blocks)} to 0 to preview exactly what Save writes)")
         return text
 
 
@@ -213,7 +215,7 @@ class LiveMerge:
         self._block_state: dict[str, tuple | None] = {}  # block -> signature it holds (absent: A)
         self._jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
         self._skipped = 0
-        self._skipped_blocks: set[str] = set()
+        self._skipped_blocks: dict[str, set[str]] = {}  # block -> parts of it the loaded model lacks
         self._capture_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         # One thread by default: the kernels are memory-bound and torch's own intra-op threads
@@ -307,14 +309,14 @@ class LiveMerge:
             layout = self._layout()
             by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
             skipped = 0
-            skipped_blocks: set[str] = set()
+            skipped_blocks: dict[str, set[str]] = {}
             for job in plan.jobs:
                 if job.action != "merge":
                     continue
                 found = layout.get(job.key)
                 if found is None or found[0] != tuple(job.shape):
                     skipped += 1  # not in the loaded model (VAE, text encoders): merged on save only
-                    skipped_blocks.add(job.block)
+                    skipped_blocks.setdefault(job.block, set()).add(_part_of(job.key))
                     continue
                 # The recipe's output dtype, as in the saved file: the model then holds exactly
                 # what loading that file would give it (cast on write when its dtype differs).
@@ -412,6 +414,7 @@ class LiveMerge:
             report = LiveReport(warnings=list(plan.warnings), skipped_keys=self._skipped)
             # Blocks whose keys the loaded model lacks and whose merge is not A: the file differs there.
             report.save_only_blocks = sorted(b for b in self._skipped_blocks if b in per_block and not per_block[b][1])
+            report.save_only_parts = sorted({part for b in report.save_only_blocks for part in self._skipped_blocks[b]})
             work: list[tuple[KeyJob, tuple | None]] = []
             block_sigs: dict[str, tuple | None] = {}
             for block, jobs in self._jobs_by_block.items():
@@ -628,6 +631,21 @@ class LiveMerge:
         self._dirty.clear()
         self.recipe = None
 
+    def holds_patch(self, keys: int = 8, elements: int = 1024) -> bool:
+        """Whether the model still holds the patch, after a host said it loaded weights into the
+        same model object: a few patched keys are compared with A's originals. (A1111 announces a
+        VAE reload like a checkpoint load; a real reload from A's file makes them A again.)"""
+        with self._lock:
+            for key in list(self._applied)[:keys]:
+                try:
+                    now = self.target.current(key).detach().reshape(-1)[:elements].to("cpu")
+                except (AttributeError, KeyError, RuntimeError):
+                    return False
+                was = self._original_value(key).reshape(-1)[:elements].to(now.dtype)
+                if not _same_bits(now, was):
+                    return True
+            return False
+
     def invalidate(self) -> None:
         """The host reloaded the weights (they are A again, or another model): drop the live state
         without writing anything."""
@@ -732,6 +750,13 @@ class _ScratchBuffers(threading.local):
 
 
 _scratch = _ScratchBuffers()
+
+
+_PARTS = (("first_stage_model.", "VAE"), ("cond_stage_model.", "text encoders"), ("conditioner.", "text encoders"))
+
+
+def _part_of(key: str) -> str:
+    return next((name for prefix, name in _PARTS if key.startswith(prefix)), "other keys")
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -57,8 +57,9 @@ script_callbacks.on_script_unloaded(on_script_unloaded)
 
 
 class MergeBoardLivePreview(scripts.Script):
-    """Patches the loaded model right before sampling when the board's live preview is on or an
-    X/Y/Z merge axis is in use; already under the WebUI's queue lock, so it never takes it."""
+    """Patches the loaded model before the prompts are encoded (A1111) and again right before
+    sampling when the board's live preview is on or an X/Y/Z merge axis is in use; already under
+    the WebUI's queue lock, so it never takes it."""
 
     def title(self):
         return "Merge Board live preview"
@@ -69,7 +70,15 @@ class MergeBoardLivePreview(scripts.Script):
     def ui(self, is_img2img):
         return []
 
+    def process(self, p, *args):
+        # A1111 computes the prompts' conditioning after this hook and before the sampling hook:
+        # the text encoders must hold the merge by now. (Forge's live target is the U-Net alone.)
+        if not hostdetect.is_forge():
+            SESSION.before_generation(p)
+
     def process_before_every_sampling(self, p, *args, **kwargs):
+        # Also here: the model may have changed since `process` (a hires-fix checkpoint, Forge's
+        # load at the first generation); when nothing changed this finds nothing to patch.
         SESSION.before_generation(p)
 
     def postprocess(self, p, processed, *args):

@@ -237,6 +237,25 @@ def test_a1111_checkpoint_change_drops_or_restores_the_live_state(a1111, tmp_pat
     assert _bits_equal(_current_unet(a1111), _merged_unet(a1111, tmp_path)) == []
 
 
+def test_a1111_vae_reload_keeps_the_live_state(a1111, tmp_path):
+    """A1111 calls on_model_loaded after loading only a VAE (sd_vae.reload_vae_weights): the U-Net
+    still holds the merge, so the session must neither forget it nor take it for A's originals."""
+    board = a1111.board
+    values = _board_values(a1111)
+    a1111.generate()
+    board.on_live(True, *values)
+    a1111.generate()
+    model = a1111.sd_models.model_data.sd_model
+    from modules import script_callbacks
+
+    script_callbacks.model_loaded_callback(model)  # what sd_vae.reload_vae_weights ends with
+    assert a1111.module.SESSION.patched
+    a1111.generate()
+    assert _bits_equal(_current_unet(a1111), _merged_unet(a1111, tmp_path)) == []
+    board.on_live(False, *values)
+    assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("a"))) == []
+
+
 def test_a1111_model_unloaded_while_patched(a1111):
     board = a1111.board
     values = _board_values(a1111)
@@ -273,7 +292,9 @@ def test_a1111_xyz_block_axis_patches_one_block_per_cell_and_restores(a1111):
     assert all("Merge recipe" in i for i in infos)
     assert ["Merge block IN04: 0," in i or i.endswith("Merge block IN04: 0") for i in infos][0]
     assert "Merge block IN04: 0.5" in infos[1] and "Merge block IN04: 1" in infos[2]
-    cell_reports = [r for r in reports if r is not None]
+    # A1111 syncs before the prompts are encoded and again before sampling: the second finds nothing
+    cell_reports = [r for r in reports if r is not None and r.keys]
+    assert [r.keys for r in reports if r is not None].count(0) == 3
     assert cell_reports[1].blocks == ["IN04"] and cell_reports[2].blocks == ["IN04"]
     assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("a"))) == []  # restored after the grid
     assert not session.patched

@@ -227,7 +227,8 @@ def test_report_says_when_the_file_differs_from_the_preview(files):
     live = LiveMerge(LiveTarget({PREFIX: unet}), a)
     report = live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5))
     assert report.skipped_keys > 0 and report.save_only_blocks == ["BASE"]
-    assert "BASE (text encoders, VAE) is merged into the saved file only" in report.summary()
+    assert report.save_only_parts == ["text encoders"]
+    assert "BASE merges the text encoders into the saved file only" in report.summary()
     report = live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5, weights="BASE=0"))
     assert report.save_only_blocks == [] and "saved file only" not in report.summary()
     live.close()

@@ -312,6 +312,9 @@ class LiveSession:
                 return
             owner = getattr(live.target, "owner", None)
             if owner is not None and model_object is not None and owner is model_object:
+                loaded = self.host.loaded_checkpoint()
+                if loaded is not None and _same_path(loaded, live.model_a) and live.holds_patch():
+                    return  # only another part was reloaded (A1111's VAE): the merge is still in place
                 live.invalidate()
             else:
                 try:

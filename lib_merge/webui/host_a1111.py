@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..live import LiveTarget, WriteItem, get_attr
+from .a1111_text import forget_cached_conditioning, index_text_encoders, lora_backup, text_encoder_root
 from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, recipe_infotext
 
 UNET_PREFIX = "model.diffusion_model."
@@ -33,23 +34,27 @@ OPTIONS = {
 }
 
 
-_BACKUPS = {"weight": "network_weights_backup", "bias": "network_bias_backup"}  # the Lora built-in's names
-
-
 def _split_owner(key_rest: str) -> tuple[str, str]:
     owner, _, leaf = key_rest.rpartition(".")
     return owner, leaf
 
 
 class A1111Target(LiveTarget):
-    """The U-Net of A1111's loaded ``sd_model`` (``sd_model.model.diffusion_model``)."""
+    """The U-Net (``sd_model.model.diffusion_model``) and the text encoders of A1111's loaded
+    ``sd_model``, under their checkpoint key names (see ``a1111_text`` for the encoders)."""
 
     label = "A1111"
 
     def __init__(self, sd_model: Any):
-        super().__init__({UNET_PREFIX: sd_model.model.diffusion_model})
+        modules = {UNET_PREFIX: sd_model.model.diffusion_model}
+        text = text_encoder_root(sd_model)
+        if text is not None:
+            modules[text[0]] = text[1]
+        super().__init__(modules)
         self.owner = sd_model
         self._fp16_originals: dict[str, torch.Tensor] = {}
+        self._text_index: dict[str, tuple[torch.nn.Module, str]] | None = None
+        self._text_written = False
 
     def identity(self) -> tuple:
         return (id(self.owner), id(self.modules[UNET_PREFIX]))
@@ -61,19 +66,35 @@ class A1111Target(LiveTarget):
         if any(p.device.type == "meta" for p in itertools.islice(self.modules[UNET_PREFIX].parameters(), 4)):
             raise LiveMergeError("the WebUI unloaded the model (its weights are gone); load a checkpoint again")
 
+    def _text(self) -> dict[str, tuple[torch.nn.Module, str]]:
+        if self._text_index is None:
+            self._text_index = {}
+            for prefix, module in self.modules.items():
+                if prefix != UNET_PREFIX:
+                    self._text_index.update(index_text_encoders(prefix, module))
+        return self._text_index
+
     def _owner(self, key: str) -> tuple[torch.nn.Module, str]:
-        rest = key[len(UNET_PREFIX):]
-        owner, leaf = _split_owner(rest)
+        if not key.startswith(UNET_PREFIX):
+            return self._text()[key]
+        owner, leaf = _split_owner(key[len(UNET_PREFIX):])
         module = get_attr(self.modules[UNET_PREFIX], owner) if owner else self.modules[UNET_PREFIX]
         return module, leaf
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {UNET_PREFIX + k: t for k, t in self.modules[UNET_PREFIX].state_dict(keep_vars=True).items()}
+        out.update({key: get_attr(module, name) for key, (module, name) in self._text().items()})
+        return out
+
+    def current(self, key: str) -> torch.Tensor:
+        module, name = self._owner(key)
+        return get_attr(module, name)
+
     def original(self, key: str) -> torch.Tensor:
-        module, leaf = self._owner(key)
+        module, name = self._owner(key)
         # With a LoRA applied the module's weights are A + LoRA; the Lora built-in's backup is A.
-        backup = getattr(module, _BACKUPS[leaf], None) if leaf in _BACKUPS else None
-        if isinstance(backup, torch.Tensor):
-            return backup
-        return getattr(module, leaf)
+        backup = lora_backup(module, name)
+        return backup if backup is not None else get_attr(module, name)
 
     def write(self, items: Sequence[WriteItem]) -> None:
         grouped: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor], list[WriteItem]]] = {}
@@ -82,9 +103,16 @@ class A1111Target(LiveTarget):
             entry = grouped.setdefault(id(module), (module, {}, []))
             entry[1][leaf] = item.value
             entry[2].append(item)
+            if not item.key.startswith(UNET_PREFIX):
+                self._text_written = True
         for module, state, owned in grouped.values():
             self._fp16_cache(module, owned)
             module.load_state_dict(state, strict=False)
+
+    def flush(self) -> None:
+        if self._text_written:
+            self._text_written = False
+            forget_cached_conditioning()
 
     def _fp16_cache(self, module: torch.nn.Module, items: Sequence[WriteItem]) -> None:
         """fp8 storage with "cache FP16 weight for LoRA": keep the fp16 copy in step with the weight."""
