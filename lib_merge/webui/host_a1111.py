@@ -213,7 +213,7 @@ class A1111Host:
         )
 
     def notes(self) -> list[str]:
-        return ["Live preview patches the loaded model's U-Net (BASE — text encoders, VAE — is merged on save)."]
+        return ["Live preview patches the loaded model's U-Net and text encoders; the VAE (part of BASE) is merged on save only."]
 
     def after_save(self, path: Path) -> None:
         from modules import sd_models
