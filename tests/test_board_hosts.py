@@ -330,6 +330,19 @@ def test_a1111_save_refreshes_the_checkpoint_list_and_recipe_loads_back(a1111):
     assert "already exists" in again
 
 
+def test_a1111_refresh_and_save_keep_the_selected_checkpoint(a1111, monkeypatch):
+    """Both hosts' list_models() make a --ckpt file the selected checkpoint again; the board's
+    refresh and its save refresh the list without switching the user's model at the next generation."""
+    from modules import shared
+
+    monkeypatch.setattr(shared.cmd_opts, "ckpt", str(a1111.path("a")))
+    shared.opts.data["sd_model_checkpoint"] = a1111.title("b")
+    a1111.board.on_refresh(a1111.title("a"), a1111.title("b"))
+    assert shared.opts.data["sd_model_checkpoint"] == a1111.title("b")
+    assert "saved kept.safetensors" in a1111.board.on_save("kept", "fp16", None, False, *_board_values(a1111))
+    assert shared.opts.data["sd_model_checkpoint"] == a1111.title("b")
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("../escape", "'..'"), ("sub/dir", "separator"), ("/abs/path", "absolute"), ("a\\b", "separator"), ("", "type a name"),
 ])

@@ -129,6 +129,18 @@ class A1111Target(LiveTarget):
                 setattr(module, attr, item.value.detach().to("cpu", torch.float16, copy=True))
 
 
+def refresh_checkpoint_list() -> None:
+    """``sd_models.list_models()`` without its side effect on the selection: when the WebUI was
+    started with ``--ckpt`` (both hosts), it makes that file the selected checkpoint again, and the
+    next generation would load it in place of the model the user picked."""
+    from modules import sd_models, shared
+
+    selected = shared.opts.data.get("sd_model_checkpoint")
+    sd_models.list_models()
+    if selected and sd_models.get_closet_checkpoint_match(selected) is not None:
+        shared.opts.data["sd_model_checkpoint"] = selected
+
+
 class A1111Host:
     """Host protocol over A1111's ``modules``."""
 
@@ -140,7 +152,7 @@ class A1111Host:
         from modules import sd_models
 
         if refresh:
-            sd_models.list_models()
+            refresh_checkpoint_list()
         return [Checkpoint(info.title, Path(info.filename)) for info in sd_models.checkpoints_list.values()]
 
     def vaes(self) -> list[Checkpoint]:
@@ -216,9 +228,7 @@ class A1111Host:
         return ["Live preview patches the loaded model's U-Net and text encoders; the VAE (part of BASE) is merged on save only."]
 
     def after_save(self, path: Path) -> None:
-        from modules import sd_models
-
-        sd_models.list_models()
+        refresh_checkpoint_list()
 
     # -- preview -----------------------------------------------------------------------------------
     def run_preview(self, request: PreviewRequest, session) -> PreviewResult:

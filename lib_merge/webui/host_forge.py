@@ -24,7 +24,7 @@ import torch
 
 from ..live import LiveMergeError, LiveTarget, WriteItem, get_attr
 from .host import PreviewRequest, PreviewResult
-from .host_a1111 import A1111Host
+from .host_a1111 import A1111Host, refresh_checkpoint_list
 
 UNET_PREFIX = "model.diffusion_model."
 KMODEL_PREFIX = "diffusion_model."
@@ -133,9 +133,7 @@ class ForgeHost(A1111Host):
         return notes
 
     def after_save(self, path: Path) -> None:
-        from modules import sd_models
-
-        sd_models.list_models()
+        refresh_checkpoint_list()
         try:  # Forge's checkpoint dropdown reads its own lists
             from modules_forge import main_entry
 

@@ -7,7 +7,7 @@ from tests.board_standins.common import OptionInfo, Options, State
 
 opts = Options(sd_model_checkpoint="", sd_checkpoints_limit=1)
 state = State()
-cmd_opts = types.SimpleNamespace(ckpt_dir=None, nowebui=False)
+cmd_opts = types.SimpleNamespace(ckpt=None, ckpt_dir=None, nowebui=False)
 
 
 class _Shared(types.ModuleType):
