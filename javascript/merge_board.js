@@ -57,7 +57,10 @@
         input.dispatchEvent(new Event("input", { bubbles: true }));
     }
 
-    function onSlider(name, value) {
+    // While a slider is dragged only the text is updated; gradio hears about it once, when the
+    // slider is let go ("change"). Telling it at every step sent one recipe update per step, and
+    // the host runs those concurrently, so an earlier step could land last and be the one previewed.
+    function onSlider(name, value, commit) {
         var field = textField("mergeboard_weights");
         if (!field || !isFinite(value)) return;
         var names = archBlocks();
@@ -67,9 +70,8 @@
         if (at < 0) return;
         vec[at] = value;
         var text = vec.map(fmt).join(",");
-        if (field.value === text) return;
-        field.value = text;
-        fire(field);
+        if (field.value !== text) field.value = text;
+        if (commit) fire(field);
     }
 
     function onWeights(text) {
@@ -98,8 +100,8 @@
         if (!slider && !weights) return;
         syncing = true;
         try {
-            if (slider) onSlider(slider.id.substring("mergeboard_w_".length), Number(target.value));
-            else onWeights(target.value);
+            if (slider) onSlider(slider.id.substring("mergeboard_w_".length), Number(target.value), event.type === "change");
+            else if (event.type === "input") onWeights(target.value);
         } finally {
             syncing = false;
         }
@@ -109,6 +111,7 @@
         if (window.mergeboardSetupDone) return;
         window.mergeboardSetupDone = true;
         document.addEventListener("input", handler, true);
+        document.addEventListener("change", handler, true);
     };
 
     // After a save: let the WebUI's own checkpoint dropdown pick up the new file at once.

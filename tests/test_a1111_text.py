@@ -4,6 +4,7 @@ conditioning caches emptied; open_clip's MultiheadAttention is written and backe
 built-in does it."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -75,9 +76,14 @@ def processing(monkeypatch):
 
     module.StableDiffusionProcessing = StableDiffusionProcessing
     module.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
-    modules.processing = module
+    devices = types.ModuleType("modules.devices")
+    devices.autocast = contextlib.nullcontext
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.get_empty_cond = lambda sd_model: ("empty prompt encoded by", sd_model.cond_stage_model)
+    modules.processing, modules.devices, modules.sd_models = module, devices, sd_models
     monkeypatch.setitem(sys.modules, "modules", modules)
-    monkeypatch.setitem(sys.modules, "modules.processing", module)
+    for name, value in (("processing", module), ("devices", devices), ("sd_models", sd_models)):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", value)
     return module
 
 
@@ -90,6 +96,7 @@ def test_text_encoder_patch_equals_the_file_and_restores(tmp_path, processing):
     a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=0)
     b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=1)
     model = hijacked_sd1_model(a)
+    model.cond_stage_model_empty_prompt = "encoded at load"
     target = A1111Target(model)
     original = {k: v.detach().clone() for k, v in target.tensors().items()}
     text_keys = [k for k in original if k.startswith(TEXT)]
@@ -106,6 +113,7 @@ def test_text_encoder_patch_equals_the_file_and_restores(tmp_path, processing):
     assert any(not torch.equal(patched[k], original[k]) for k in text_keys)
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
     assert processing.StableDiffusionProcessingTxt2Img.cached_hr_uc == [None, None]
+    assert model.cond_stage_model_empty_prompt == ("empty prompt encoded by", model.cond_stage_model)
 
     processing.StableDiffusionProcessing.cached_c[:] = ["prompts", "conds"]
     live.apply(recipe.replace(weights="BASE=0.7,IN04=0.9"))  # the U-Net only: the cache stays

@@ -12,8 +12,9 @@ dropped as for the U-Net. open_clip's attention is a ``MultiheadAttention`` whos
 its ``out_proj`` child too, so keys of that child are written through the attention module.
 
 A1111 caches the conditioning of the last prompts (``persistent_cond_cache``) keyed without the
-weights: after the text encoder changes, those caches are emptied (in place — a generation in
-progress holds the same lists).
+weights, and the empty prompt's conditioning it pads prompts of different lengths with: after the
+text encoder changes, the caches are emptied (in place — a generation in progress holds the same
+lists) and the empty prompt is encoded again.
 """
 from __future__ import annotations
 
@@ -91,3 +92,13 @@ def forget_cached_conditioning() -> None:
         cache = getattr(owner, name, None) if owner is not None else None
         if isinstance(cache, list):
             cache[:] = [None] * len(cache)
+
+
+def refresh_empty_prompt(sd_model: Any) -> None:
+    """Encode the empty prompt again with the current text encoders, as A1111 does after a load."""
+    if not hasattr(sd_model, "cond_stage_model_empty_prompt"):
+        return
+    from modules import devices, sd_models
+
+    with devices.autocast(), torch.no_grad():
+        sd_model.cond_stage_model_empty_prompt = sd_models.get_empty_cond(sd_model)

@@ -18,7 +18,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..live import LiveTarget, WriteItem, get_attr
-from .a1111_text import forget_cached_conditioning, index_text_encoders, lora_backup, text_encoder_root
+from .a1111_text import (
+    forget_cached_conditioning,
+    index_text_encoders,
+    lora_backup,
+    refresh_empty_prompt,
+    text_encoder_root,
+)
 from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, recipe_infotext
 
 UNET_PREFIX = "model.diffusion_model."
@@ -113,6 +119,7 @@ class A1111Target(LiveTarget):
         if self._text_written:
             self._text_written = False
             forget_cached_conditioning()
+            refresh_empty_prompt(self.owner)
 
     def _fp16_cache(self, module: torch.nn.Module, items: Sequence[WriteItem]) -> None:
         """fp8 storage with "cache FP16 weight for LoRA": keep the fp16 copy in step with the weight."""
