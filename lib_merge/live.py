@@ -164,7 +164,7 @@ class LiveReport:
             blocks = ", ".join(self.blocks[:8]) + (f" (+{len(self.blocks) - 8} more)" if len(self.blocks) > 8 else "")
             text = f"patched {self.keys} tensors in {len(self.blocks)} block(s) [{blocks}] in {self.seconds * 1000:.0f} ms"
         if self.save_only_blocks:
-            parts = ", ".join(self.save_only_parts) or "some keys"
+            parts = " and ".join(sorted(self.save_only_parts, key=lambda part: part == "VAE")) or "some keys"
             text += (f"; {', '.join(self.save_only_blocks)} merges the {parts} into the saved file only — the "
                      f"preview keeps A's (set {'/'.join(self.save_only_blocks)} to 0 to preview exactly what Save writes)")
         return text
