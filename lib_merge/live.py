@@ -23,6 +23,7 @@ LoRA backups stay consistent. Core module: imports only torch and lib_merge.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -538,7 +539,7 @@ class LiveMerge:
             stop = min(start + LIVE_CHUNK, out.numel())
             chunk = out[start:stop]
             method.native(chunk, *[f[start:stop] for f in flats], **job.params)
-            if check and not all_finite(chunk):
+            if not all_finite(chunk):
                 bad = [plan.inputs[i] for i, t in zip(job.sources, tensors) if not all_finite(t)]
                 names = ", ".join(getattr(r, "name", str(r)) for r in bad)
                 raise NonFiniteError(
@@ -558,8 +559,8 @@ class LiveMerge:
             if safe is None:
                 safe = True
                 if tensor.numel():
-                    low, high = torch.aminmax(tensor)
-                    safe = max(abs(float(low)), abs(float(high))) <= _SAFE_MAGNITUDE  # False for NaN
+                    low, high = (float(v) for v in torch.aminmax(tensor))
+                    safe = math.isfinite(low) and math.isfinite(high) and max(-low, high) <= _SAFE_MAGNITUDE
                 self._safe_inputs[(index, job.key)] = safe
             if not safe:
                 return False

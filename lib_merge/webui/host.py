@@ -182,6 +182,7 @@ class LiveSession:
         self.save = SaveStatus()
         self._lock = threading.RLock()
         self._infotext_keys: set[str] = set()
+        self._last_note: tuple[int, str] | None = None
 
     # -- board side ----------------------------------------------------------------------------------
     def set_board(self, recipe: Optional[Recipe]) -> None:
@@ -258,8 +259,8 @@ class LiveSession:
                 params.pop(key, None)
         with self._lock:
             if not overrides and self.enabled and self.board_recipe is None:
-                self.log("[Merge Board] live preview is on but the board has no valid recipe yet: "
-                         "this generation runs without the live merge")
+                self._note(p, "[Merge Board] live preview is on but the board has no valid recipe yet: "
+                           "this generation runs without the live merge")
                 self.sync(to_a=True)
                 if params is not None:
                     params["Merge Board"] = "skipped (the board is not ready)"
@@ -268,8 +269,8 @@ class LiveSession:
             recipe = self.desired(overrides)
             loaded = self.host.loaded_checkpoint()
             if recipe is not None and loaded is not None and not _same_path(loaded, recipe.models[0]):
-                self.log(f"[Merge Board] {Path(loaded).name} is loaded, not model A ({Path(recipe.models[0]).name}): "
-                         "this generation runs without the live merge")
+                self._note(p, f"[Merge Board] {Path(loaded).name} is loaded, not model A "
+                              f"({Path(recipe.models[0]).name}): this generation runs without the live merge")
                 if self.live is not None:
                     self.sync(to_a=True)
                 if params is not None:
@@ -284,6 +285,12 @@ class LiveSession:
             items.update(infotext_items(overrides or {}))
             params.update(items)
             self._infotext_keys.update(items)
+
+    def _note(self, p: Any, message: str) -> None:
+        """One console line per generation: the hooks call ``before_generation`` more than once."""
+        if self._last_note != (id(p), message):
+            self._last_note = (id(p), message)
+            self.log(message)
 
     def after_generation(self, p: Any, grid_finished: bool) -> None:
         """After an X/Y/Z cell: when it was the grid's last one, go back to the board's state."""
