@@ -98,7 +98,11 @@ def refresh_empty_prompt(sd_model: Any) -> None:
     """Encode the empty prompt again with the current text encoders, as A1111 does after a load."""
     if not hasattr(sd_model, "cond_stage_model_empty_prompt"):
         return
-    from modules import devices, sd_models
+    try:
+        from modules import devices, sd_models
 
-    with devices.autocast(), torch.no_grad():
-        sd_model.cond_stage_model_empty_prompt = sd_models.get_empty_cond(sd_model)
+        with devices.autocast(), torch.no_grad():
+            sd_model.cond_stage_model_empty_prompt = sd_models.get_empty_cond(sd_model)
+    except Exception as exc:  # only prompts padded to another length use it: never fail the patch over it
+        print(f"[Merge Board] could not encode the empty prompt again ({type(exc).__name__}: {exc}); "
+              "prompts of different lengths may be padded with A's", flush=True)
