@@ -229,8 +229,9 @@ def test_a1111_checkpoint_change_drops_or_restores_the_live_state(a1111, tmp_pat
     a1111.sd_models.reload_model_weights(info=a1111.sd_models.get_closet_checkpoint_match(a1111.title("b")))
     assert a1111.sd_models.model_data.sd_model is model
     assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("b"))) == []
-    result = a1111.generate()  # B is loaded, not A: left alone, and the infotext says so
+    result = a1111.generate()  # B is loaded, not A: left alone, and the infotext and the board say so
     assert "skipped" in result.infotexts[0]
+    assert "is loaded, not model A" in a1111.module.SESSION.status_line()
     assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("b"))) == []
     a1111.sd_models.reload_model_weights(info=a1111.sd_models.get_closet_checkpoint_match(a1111.title("a")))
     a1111.generate()

@@ -197,9 +197,6 @@ class ActionHandlers(BoardBase):
             note += f"; missing models: {', '.join(missing)}"
         return out + [_html_message(note, "warn" if missing else "info")]
 
-    def on_status(self):
-        return _html_message(self.session.status_line())
-
 
 def _same_file(a: Any, b: Any) -> bool:
     try:

@@ -271,6 +271,8 @@ class LiveSession:
             if recipe is not None and loaded is not None and not _same_path(loaded, recipe.models[0]):
                 self._note(p, f"[Merge Board] {Path(loaded).name} is loaded, not model A "
                               f"({Path(recipe.models[0]).name}): this generation runs without the live merge")
+                self.message = (f"the last generation ran without the merge: {Path(loaded).name} is loaded, not "
+                                f"model A — pick it as A (🔄 refreshes the lists) or load A")
                 if self.live is not None:
                     self.sync(to_a=True)
                 if params is not None:
