@@ -35,13 +35,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .arch import detect_architecture
-from .blocks import parse_block_weights
 from .engine import all_finite, produce_job, read_sources
-from .errors import BadParameterError, MergeError, NonFiniteError
+from .errors import MergeError, NonFiniteError
 from .inputs import VirtualInput, parse_model_ref
 from .io.dtypes import output_dtype
 from .io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
-from .plan import IDENTITY_AT_ZERO, KeyJob, MergePlan, plan_merge
+from .plan import KeyJob, MergePlan, block_settings, plan_merge
 from .recipe import Recipe
 
 
@@ -772,39 +771,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(as_int), b.reshape(-1).view(as_int))
 
 
-def block_parameters(plan: MergePlan, recipe: Recipe) -> tuple[dict[str, tuple[dict, bool, tuple[int, ...]]], dict]:
-    """Per block: (method parameters with α/β resolved for the block, identity?, sources), and
-    the block values — ``plan_merge``'s per-key rules, evaluated once per block."""
-    method = plan.method
-    arch = plan.info.arch
-    params = method.resolve_params(recipe.params)
-    for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
-        if value is not None:
-            params[name] = method.param(name).coerce(value, method.name)
-    if recipe.weights is not None and "alpha" not in method.block_params:
-        raise BadParameterError(f"method {method.name} has no per-block ratio; drop the block weights")
-    if recipe.beta_weights is not None and "beta" not in method.block_params:
-        raise BadParameterError(f"method {method.name} has no β; drop the beta weights")
-    alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
-    beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
-    identity_params = [p for p in method.block_params if p in params]
-    everything = tuple(range(len(plan.inputs)))
-    per_block: dict[str, tuple[dict, bool, tuple[int, ...]]] = {}
-    for block in arch.blocks:
-        key_params = dict(params)
-        if "alpha" in key_params:
-            key_params["alpha"] = alpha_blocks[block]
-        if "beta" in key_params:
-            key_params["beta"] = beta_blocks[block]
-        identity = bool(identity_params) and all(key_params[p] == 0 for p in identity_params) \
-            and method.name in IDENTITY_AT_ZERO
-        per_block[block] = (key_params, identity, (0,) if identity else everything)
-    block_values: dict[str, dict[str, float]] = {}
-    if alpha_blocks:
-        block_values["alpha"] = alpha_blocks
-    if beta_blocks:
-        block_values["beta"] = beta_blocks
-    return per_block, block_values
+def block_parameters(plan: MergePlan, recipe: Recipe):
+    """``block_settings`` of ``recipe`` for the models and method of the cached ``plan``."""
+    return block_settings(plan.method, plan.info.arch, recipe, len(plan.inputs))
 
 
 def replan(plan: MergePlan, recipe: Recipe) -> MergePlan:

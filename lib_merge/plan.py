@@ -97,15 +97,8 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
             f"block policy {recipe.blocks!r} is unknown; choose one of {', '.join(BLOCK_POLICIES)}"
         )
     method.check_model_count(len(inputs))
-    params = method.resolve_params(recipe.params)
+    method_params(method, recipe)  # parameter errors first, before any file is read
     out_dtype = output_dtype(recipe.dtype)
-    for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
-        if value is not None:
-            params[name] = method.param(name).coerce(value, method.name)
-    if recipe.weights is not None and "alpha" not in method.block_params:
-        raise BadParameterError(f"method {method.name} has no per-block ratio; drop --weights")
-    if recipe.beta_weights is not None and "beta" not in method.block_params:
-        raise BadParameterError(f"method {method.name} has no β; drop the beta weights")
 
     template = inputs[0]
     if not isinstance(template, CheckpointReader):
@@ -139,8 +132,7 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
                 "(task-vector methods already count A as the base)"
             )
         seen.setdefault(real, i)
-    alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
-    beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
+    per_block, block_values = block_settings(method, arch, recipe, len(inputs))
 
     # Shapes and key sets, checked for every model before reading any data.
     a_infos = template.infos
@@ -184,7 +176,6 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         warnings.append("bf16 input saved as fp16: values beyond ±65504 would overflow; use --dtype bf16 to keep the range")
 
     jobs: list[KeyJob] = []
-    identity_params = [p for p in method.block_params if p in params]
     for key, a_info in sorted(a_infos.items(), key=lambda kv: kv[1].offset):
         kind = key_kind(key, a_info.dtype, a_info.shape)
         if kind == "drop":
@@ -193,6 +184,43 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         if kind == "copy" or any(key in m for m in missing_by_model.values()):
             jobs.append(KeyJob(key, "copy", block, a_info.shape, a_info.torch_dtype, {}, (0,)))
             continue
+        key_params, identity, sources = per_block[block]
+        common = None
+        if key == INPAINT_CONV_IN and conv_in_channels:
+            common = min(list(conv_in_channels.values()) + [a_info.shape[1]])
+        jobs.append(KeyJob(key, "merge", block, a_info.shape, out_dtype, dict(key_params), sources, identity, common))
+
+    return MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings, block_values)
+
+
+BlockSetting = tuple[dict[str, Any], bool, tuple[int, ...]]  # parameters, identity?, inputs read
+
+
+def method_params(method: MethodSpec, recipe: Recipe) -> dict[str, Any]:
+    """The method's parameters for ``recipe`` (α/β included), checked against its block weights."""
+    params = method.resolve_params(recipe.params)
+    for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
+        if value is not None:
+            params[name] = method.param(name).coerce(value, method.name)
+    if recipe.weights is not None and "alpha" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no per-block ratio; drop --weights")
+    if recipe.beta_weights is not None and "beta" not in method.block_params:
+        raise BadParameterError(f"method {method.name} has no β; drop the beta weights")
+    return params
+
+
+def block_settings(method: MethodSpec, arch, recipe: Recipe, n_inputs: int
+                   ) -> tuple[dict[str, BlockSetting], dict[str, dict[str, float]]]:
+    """Per block of ``arch``: the parameters with α/β resolved for the block, whether the block is
+    exactly A (all its ratios 0 for a method that is A at 0: only A is read), and the inputs read;
+    plus the per-block α/β values. The one rule for the planner and the live merge."""
+    params = method_params(method, recipe)
+    alpha_blocks = parse_block_weights(recipe.weights, arch, base=params.get("alpha", 0.0)) if "alpha" in params else {}
+    beta_blocks = parse_block_weights(recipe.beta_weights, arch, base=params.get("beta", 0.0)) if "beta" in params else {}
+    identity_params = [p for p in method.block_params if p in params]
+    everything = tuple(range(n_inputs))
+    per_block: dict[str, BlockSetting] = {}
+    for block in arch.blocks:
         key_params = dict(params)
         if "alpha" in key_params:
             key_params["alpha"] = alpha_blocks[block]
@@ -200,18 +228,9 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
             key_params["beta"] = beta_blocks[block]
         identity = bool(identity_params) and all(key_params[p] == 0 for p in identity_params) \
             and method.name in IDENTITY_AT_ZERO
-        common = None
-        if key == INPAINT_CONV_IN and conv_in_channels:
-            common = min(list(conv_in_channels.values()) + [a_info.shape[1]])
-        sources = (0,) if identity else tuple(range(len(inputs)))
-        jobs.append(KeyJob(key, "merge", block, a_info.shape, out_dtype, key_params, sources, identity, common))
-
-    plan = MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings)
-    if alpha_blocks:
-        plan.block_values["alpha"] = alpha_blocks
-    if beta_blocks:
-        plan.block_values["beta"] = beta_blocks
-    return plan
+        per_block[block] = (key_params, identity, (0,) if identity else everything)
+    block_values = {name: values for name, values in (("alpha", alpha_blocks), ("beta", beta_blocks)) if values}
+    return per_block, block_values
 
 
 # Methods whose result is exactly A when every per-block ratio is 0: those keys skip reading B.

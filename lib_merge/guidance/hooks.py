@@ -114,7 +114,24 @@ def _writable(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if torch.is_grad_enabled() and t.requires_grad else t
 
 
-class AttentionPerturbations:
+class _HookSet:
+    """Torch hook handles installed together and removed together (also as a context manager)."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.remove()
+
+
+class AttentionPerturbations(_HookSet):
     """Handle of installed PAG/SEG hooks. Rows, σ and latent size can change between forwards."""
 
     def __init__(self, pag_layers, seg_layers, *, pag_rows, seg_rows, seg_sigma, latent_hw):
@@ -162,17 +179,6 @@ class AttentionPerturbations:
         q[rows] = blur_queries(q[rows], feature_hw(self.latent_hw, q.shape[1]), self.seg_sigma)
         return q
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.remove()
-
 
 def install_attention_perturbations(
     diffusion_model: nn.Module,
@@ -194,7 +200,7 @@ def install_attention_perturbations(
     return AttentionPerturbations(pag, seg, pag_rows=pag_rows, seg_rows=seg_rows, seg_sigma=seg_sigma, latent_hw=latent_hw)
 
 
-class FreeUHooks:
+class FreeUHooks(_HookSet):
     """Handle of installed FreeU hooks; ``remove()`` is idempotent."""
 
     def __init__(self, diffusion_model: nn.Module, settings, model_channels: int, active: Callable[[], bool]):
@@ -255,17 +261,6 @@ class FreeUHooks:
             return args, {**kwargs, "x": joined}
 
         return patch
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.remove()
 
 
 def install_freeu(diffusion_model: nn.Module, settings, *, model_channels: int, active: Callable[[], bool]) -> FreeUHooks:
