@@ -11,6 +11,8 @@ from typing import Callable, Iterable, Mapping
 import pytest
 import torch
 
+from tests.files import load_tensors
+
 # The tests' tensors are tiny: torch's intra-op threads only add contention on a 2-core machine
 # (measured 3× slower wall time for the guidance tests under load), so run them single-threaded.
 torch.set_num_threads(1)
@@ -92,13 +94,6 @@ def out_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "out"
     folder.mkdir()
     return folder
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read with the reference library (not ours)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def derive_checkpoint(

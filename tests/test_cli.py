@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lib_merge.cli import main
 from lib_merge.methods import all_methods
 from lib_merge.presets import PRESETS
 
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read with the reference library (not ours)."""
-    return load_file(str(path))
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
-def leftovers(folder: Path, name: str) -> list[Path]:
-    """``name`` itself and anything derived from it (``NAME.tmp`` …) in ``folder``."""
-    return sorted(p for p in folder.iterdir() if p.name == name or p.name.startswith(name + "."))
+from tests.files import leftovers, load_tensors, read_metadata
 
 
 def run_ok(capsys, *argv: str) -> str:

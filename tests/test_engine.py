@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from lib_merge import cli
 from lib_merge.arch import block_of
@@ -30,20 +28,7 @@ from lib_merge.io.reader import SafetensorsReader
 from lib_merge.plan import open_inputs, plan_merge
 from lib_merge.recipe import Recipe, load_recipe
 
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read with the reference library (not ours)."""
-    return load_file(str(path))
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
-def leftovers(folder: Path, name: str) -> list[Path]:
-    """``name`` itself and anything derived from it (``NAME.tmp`` …) in ``folder``."""
-    return sorted(p for p in folder.iterdir() if p.name == name or p.name.startswith(name + "."))
+from tests.files import leftovers, load_tensors, read_metadata
 
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
