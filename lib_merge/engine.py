@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -68,20 +68,12 @@ def merge(
     recipe: Recipe,
     output: str | os.PathLike[str],
     *,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-    cancel: threading.Event | None = None,
-    hash_inputs: bool = True,
-    hash_output: bool = True,
-    durable: bool = True,
     warn: Callable[[str], None] | None = None,
-    max_memory: int | str | None = None,
-    journal: bool | None = None,
-    resume: bool = False,
-    on_plan: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> MergeResult:
-    """Plan and run ``recipe`` into ``output`` (see :func:`execute`)."""
+    """Plan ``recipe`` (its VAE baked in) and run it into ``output``; ``options`` are
+    :func:`execute`'s (threads, overwrite, progress, cancel, hashing, durable, max_memory, journal,
+    resume, on_plan)."""
     inputs = open_inputs(recipe.models)
     vae: CheckpointReader | None = None
     try:
@@ -92,11 +84,7 @@ def merge(
         for message in plan.warnings:
             if warn:
                 warn(message)
-        return execute(
-            plan, output, threads=threads, overwrite=overwrite, progress=progress, cancel=cancel,
-            hash_inputs=hash_inputs, hash_output=hash_output, durable=durable, max_memory=max_memory,
-            journal=journal, resume=resume, on_plan=on_plan, warn=warn,
-        )
+        return execute(plan, output, warn=warn, **options)
     finally:
         for item in inputs:
             if isinstance(item, CheckpointReader):

@@ -105,17 +105,7 @@ def a1111(tmp_path, model_files):
     with installed("a1111"):
         env, scripts = _setup("a1111", tmp_path, model_files)
         env.sd_models.unet_factory = lambda path: tiny_unet("sd1", 0, torch.float16, width=WIDTH)
-        env.module = load_entry_script()
-        env.xyz = load_xyz_grid()
-        from modules import script_callbacks
-
-        script_callbacks.before_ui_callback()
-        scripts.scripts_txt2img.initialize()
-        from lib_merge.webui.board import Board
-
-        env.board = Board(env.module.HOST, env.module.SESSION)
-        yield env
-        env.module.SESSION.shutdown()
+        yield from _started(env, scripts)
 
 
 @pytest.fixture
@@ -132,17 +122,22 @@ def forge(tmp_path, model_files):
 
         env.sd_models.engine_factory = engine
         env.sd_models.refresh_model_loading_parameters()
-        env.module = load_entry_script()
-        env.xyz = load_xyz_grid()
-        from modules import script_callbacks
+        yield from _started(env, scripts)
 
-        script_callbacks.before_ui_callback()
-        scripts.scripts_txt2img.initialize()
-        from lib_merge.webui.board import Board
 
-        env.board = Board(env.module.HOST, env.module.SESSION)
-        yield env
-        env.module.SESSION.shutdown()
+def _started(env, scripts):
+    """Load our entry script and X/Y/Z the way the host does, build the board; shut down after."""
+    env.module = load_entry_script()
+    env.xyz = load_xyz_grid()
+    from modules import script_callbacks
+
+    script_callbacks.before_ui_callback()
+    scripts.scripts_txt2img.initialize()
+    from lib_merge.webui.board import Board
+
+    env.board = Board(env.module.HOST, env.module.SESSION)
+    yield env
+    env.module.SESSION.shutdown()
 
 
 def _current_unet(env):
