@@ -418,7 +418,7 @@ def test_forge_model_not_loaded_until_first_generation(forge):
 def test_forge_live_preview_with_lora_backups(forge, tmp_path):
     from modules import processing
 
-    values = _board_values(forge, weights="0,0,0,0,0,0.7,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0")
+    values = _board_values(forge, weights="0,0,0.4,0,0,0.7,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0")  # IN01, IN04
     forge.generate()
     kmodel = forge.sd_models.model_data.sd_model.forge_objects.unet.model
     names = [n for n, _ in kmodel.named_parameters() if n.endswith(".weight") and ".4." in n][:6]
@@ -429,7 +429,17 @@ def test_forge_live_preview_with_lora_backups(forge, tmp_path):
     assert set(kmodel.lora_loader.backup) == set(names)
     forge.board.on_change(*values)
     forge.board.on_live(True, *values)
+    loader, forced = kmodel.lora_loader, []
+    refresh = loader.refresh
+
+    def counted(*args, **kwargs):
+        forced.append(kwargs.get("force_refresh", False))
+        return refresh(*args, **kwargs)
+
+    loader.refresh = counted
     forge.generate()
+    # backups in two blocks (IN01, IN04) were rewritten: the LoRA is re-applied once for the whole patch
+    assert forced.count(True) == 1
 
     def with_lora(unet):
         with torch.no_grad():
