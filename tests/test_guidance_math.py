@@ -97,11 +97,44 @@ def test_rescale_needs_x_and_sigma_outside_x0_space():
 
 
 def test_kernel_size_rule():
+    # SEG-SDXL: k = ceil(6σ) + 1 − ceil(6σ) mod 2, i.e. ceil(6σ) itself when that is odd.
     assert gaussian_kernel_size(1.0, 64) == 7
-    assert gaussian_kernel_size(0.5, 64) == 5  # ceil(3)+1 = 4 -> odd 5
-    assert gaussian_kernel_size(100.0, 8) == 7  # clamped to the map, kept odd
+    assert [gaussian_kernel_size(s, 64) for s in (0.5, 1.5, 2.5)] == [3, 9, 15]
+    assert gaussian_kernel_size(100.0, 8) == 9  # the reference's clamp: an even map takes extent + 1
     assert gaussian_kernel_size(100.0, 9) == 9
+    assert gaussian_kernel_size(3.0, 2) == 3
     assert gaussian_kernel_size(3.0, 1) == 1
+
+
+def _dense_reference_blur(x, sigma, size):
+    """Gaussian blur written out pixel by pixel: 2-D kernel k[a]·k[b] at integer offsets, edges
+    mirrored without repeating the edge pixel (reflect), independent of F.pad / conv2d."""
+    r = size // 2
+    k = [math.exp(-0.5 * (a / sigma) ** 2) for a in range(-r, r + 1)]
+    k = [w / sum(k) for w in k]
+    xd = x.double()
+    h, w = x.shape[-2:]
+
+    def mirror(i, n):
+        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+
+    out = torch.zeros_like(xd)
+    for i in range(h):
+        for j in range(w):
+            for a in range(-r, r + 1):
+                for b in range(-r, r + 1):
+                    out[..., i, j] += k[a + r] * k[b + r] * xd[..., mirror(i + a, h), mirror(j + b, w)]
+    return out
+
+
+@pytest.mark.parametrize("sigma, size", [(0.5, 3), (1.5, 9), (2.5, 15)])
+def test_seg_blurred_queries_match_a_dense_computation_with_the_official_kernel(sigma, size):
+    hw = (20, 18)  # wide enough that no clamp applies
+    q = torch.randn(2, hw[0] * hw[1], 3, generator=_g(40))
+    out = blur_queries(q, hw, sigma)
+    grid = q.transpose(1, 2).reshape(2, 3, *hw)
+    expected = _dense_reference_blur(grid, sigma, size).reshape(2, 3, -1).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_seg_infinite_sigma_is_the_spatial_mean():

@@ -16,14 +16,14 @@ from ..errors import BadParameterError
 
 
 def gaussian_kernel_size(sigma: float, extent: int) -> int:
-    """ceil(6σ)+1 bumped to odd, clamped to an odd size that fits ``extent`` (SEG official kernel rule)."""
-    size = math.ceil(6.0 * sigma) + 1
-    if size % 2 == 0:
-        size += 1
-    if size > extent:
-        # Reflect padding needs pad < extent; the largest odd size within the map keeps that true.
-        size = extent if extent % 2 == 1 else extent - 1
-    return max(size, 1)
+    """SEG-SDXL's rule: k = ceil(6σ) + 1 − ceil(6σ) mod 2 (the odd one of ceil(6σ), ceil(6σ)+1),
+    clamped to ``extent`` when odd and to ``extent + 1`` when even (arXiv 2408.00760, pipeline_seg.py)."""
+    c = math.ceil(6.0 * sigma)
+    size = c + 1 - c % 2
+    # The reference's clamp, min(k, extent − (extent mod 2 − 1)): an even map takes a kernel one
+    # wider than itself, whose reflect padding (extent / 2) still fits inside the map.
+    limit = extent if extent % 2 == 1 else extent + 1
+    return max(min(size, limit), 1)
 
 
 def gaussian_kernel_1d(sigma: float, size: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
