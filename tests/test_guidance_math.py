@@ -211,6 +211,39 @@ def test_saliency_is_a_spatial_softmax_per_image_and_channel():
     assert torch.allclose(s.sum(dim=(2, 3)), torch.ones(2, 3))
 
 
+def _blur3_by_hand(term):
+    """|g| blurred with the 3x3 σ = 1 Gaussian (reflect edges), written out in float64."""
+    k = [math.exp(-0.5), 1.0, math.exp(-0.5)]
+    k = [w / sum(k) for w in k]
+    g = term.abs().double()
+    b, c, h, w = g.shape
+
+    def mirror(i, n):
+        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+
+    blurred = torch.zeros_like(g)
+    for i in range(h):
+        for j in range(w):
+            for a in (-1, 0, 1):
+                for d in (-1, 0, 1):
+                    blurred[..., i, j] += k[a + 1] * k[d + 1] * g[..., mirror(i + a, h), mirror(j + d, w)]
+    return blurred
+
+
+def test_saliency_and_fusion_match_a_hand_computation_over_h_w():
+    a = torch.randn(2, 4, 5, 6, generator=_g(41)) * 2
+    b = torch.randn(2, 4, 5, 6, generator=_g(42)) * 2
+    # Face-diffuser's axis: exp / Σexp over the H·W positions of each (image, channel).
+    by_position = lambda t: _blur3_by_hand(t).exp() / _blur3_by_hand(t).exp().sum(dim=(2, 3), keepdim=True)
+    sa, sb = by_position(a), by_position(b)
+    torch.testing.assert_close(saliency(a).double(), sa, atol=1e-6, rtol=1e-5)
+    expected = torch.where(sa >= sb, a, b)
+    assert torch.equal(sanf_fuse([a, b]), expected)
+    # incantations' axis (softmax across the 4 latent channels) picks differently on these terms.
+    by_channel = lambda t: torch.softmax(_blur3_by_hand(t), dim=1)
+    assert not torch.equal(torch.where(by_channel(a) >= by_channel(b), a, b), expected)
+
+
 def test_sanf_picks_the_more_salient_term_per_element():
     a = torch.zeros(1, 1, 6, 6)
     b = torch.zeros(1, 1, 6, 6)

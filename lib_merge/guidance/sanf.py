@@ -1,9 +1,16 @@
 """Saliency-adaptive noise fusion (SANF) from Face-diffuser (Wang et al., arXiv 2311.10329).
 
 Instead of adding guidance terms, each latent element takes the term that is locally more
-salient. Saliency is the 3×3 (σ = 1) Gaussian-blurred magnitude, normalised by a softmax over the
-spatial positions of each (image, channel), as in the Face-diffuser reference and pamparamm's
-``snf`` mode. incantations softmaxes across the latent channels instead; we do not follow it.
+salient. Saliency is the smoothed magnitude normalised by a softmax over the H·W positions of
+each (image, channel): the axis of the paper authors' code (CodeGoat24/Face-diffuser,
+``pipeline.py``: ``Softmax(dim=1)`` on a (n·c, h·w) view) and of pamparamm's ``snf`` mode.
+incantations softmaxes across the 4 latent channels instead; we do not follow it, because that
+compares channels at one position rather than positions within one map as the paper does.
+
+Where we still differ from the authors' code, on purpose: it smooths with a 4×4 average pool
+resized back to 64×64 (tied to SD1.5 at 512 px) and then averages the 4 channels, so one choice
+is made per position; we smooth with a 3×3 σ = 1 Gaussian and choose per element, as
+incantations and pamparamm do, which works at any latent size.
 """
 from __future__ import annotations
 
