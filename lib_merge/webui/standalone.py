@@ -69,6 +69,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
     """Build the board over ``models_dir`` (default: the demo folder, filled on first use) and serve it."""
     from ..demo import ensure_demo_models
     from . import board as board_mod
+    from .assets import read_asset
     from .board_gradio import gradio_major
 
     if models_dir is None:
@@ -78,9 +79,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
     if not models_dir.is_dir():
         raise SystemExit(f"error: models folder {models_dir} does not exist")
     standalone = StandaloneHost(models_dir)
-    root = Path(__file__).resolve().parents[2]
-    css = (root / "style.css").read_text(encoding="utf-8") if (root / "style.css").is_file() else ""
-    js = (root / "javascript" / "merge_board.js").read_text(encoding="utf-8") if (root / "javascript" / "merge_board.js").is_file() else ""
+    css, js = read_asset("style.css"), read_asset("javascript/merge_board.js")
     demo, board = board_mod.build(standalone, standalone=True)
     demo.css = css  # read by gradio at launch on both 3.41 and 4.x
     if js:
