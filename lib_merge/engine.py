@@ -368,12 +368,8 @@ def produce_job(plan: MergePlan, job: KeyJob, counters: _Counters | None = None)
         yield from _produce_lazy(plan, job, counters)
         return
     tensors = read_sources(plan, job, counters)
-    a = tensors[0]
-    if job.action == "copy":
-        yield 0, a.reshape(-1)
-        return
-    if job.identity:
-        yield 0, a.reshape(-1).to(job.out_dtype)
+    if job.action == "copy" or job.identity:
+        yield from _copy_checked(plan, job, tensors[0])
         return
     ctx = KeyContext(job.key, job.block, plan.recipe.seed)
     method = plan.method
@@ -417,6 +413,42 @@ def _is_scratch(chunk: torch.Tensor) -> bool:
     cache = _buffers.__dict__.get("cache", {})
     ptr = chunk.untyped_storage().data_ptr()
     return any(buf.untyped_storage().data_ptr() == ptr for buf in cache.values())
+
+
+def _copy_checked(plan: MergePlan, job: KeyJob, source: torch.Tensor) -> Iterator[Chunk]:
+    """A key taken straight from one input (a copied key, a block at ratio 0, a baked VAE): the
+    same NaN/Inf refusal as merged keys, chunk by chunk so each chunk is checked and written
+    while it is in cache. Integer tensors and markers pass untouched (``all_finite``)."""
+    flat = source.reshape(-1)
+    cast = flat.dtype != job.out_dtype
+    out_buf = _buffers.get(-1, job.out_dtype) if cast else None
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS) if flat.numel() else [0]:
+        part = flat[start:start + CHUNK_ELEMENTS]
+        if not all_finite(part):
+            index = job.sources[0]
+            raise NonFiniteError(
+                f"{job.key}: NaN/Inf in input {_source_label(plan, index)}, copied unmerged into the output; "
+                "that checkpoint is damaged — re-download it or leave it out of the merge"
+            )
+        if out_buf is None:
+            yield start, part
+            continue
+        out = out_buf[: part.numel()]
+        out.copy_(part)
+        if not all_finite(out):
+            raise NonFiniteError(
+                f"{job.key}: values of {_source_label(plan, job.sources[0])} exceed the range of {job.out_dtype}; "
+                "use --dtype bf16 or fp32"
+            )
+        yield start, out
+
+
+def _source_label(plan: MergePlan, index: int) -> str:
+    """'A (a.safetensors)', or 'VAE (x.safetensors)' for a baked VAE (an input after the models)."""
+    source = plan.inputs[index]
+    if index >= len(plan.recipe.models):
+        return f"VAE ({source.path.name if isinstance(source, CheckpointReader) else source})"
+    return model_label(index, source)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ expressible with the ordinary methods.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ def parse_model_ref(text: str) -> str | VirtualInput:
     if unknown:
         raise BadParameterError(f"{text!r}: noise takes seed= and scale=, not {', '.join(sorted(unknown))}")
     try:
-        return VirtualInput("noise", int(args.get("seed", 0)), float(args.get("scale", 1.0)))
+        seed, scale = int(args.get("seed", 0)), float(args.get("scale", 1.0))
     except ValueError:
         raise BadParameterError(f"{text!r}: seed must be an integer and scale a number") from None
+    if not math.isfinite(scale):  # the noise itself would be NaN/Inf in every key
+        raise BadParameterError(f"{text!r}: scale must be a finite number, e.g. scale=0.5")
+    return VirtualInput("noise", seed, scale)

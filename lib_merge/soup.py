@@ -39,6 +39,7 @@ from .io.dtypes import CODE_TO_TORCH, output_dtype
 from .io.hashing import sha256_file
 from .io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
 from .io.writer import SafetensorsWriter, _fsync_dir
+from .engine import all_finite
 
 FORMAT = "lib_merge-soup"
 VERSION = 1
@@ -154,6 +155,11 @@ class Pot:
             try:
                 for key, _, _ in fixed:
                     t = reader.get(key)
+                    if not all_finite(t):  # copied into every export unchanged: refuse it here
+                        raise NonFiniteError(
+                            f"{key}: NaN/Inf in {reader.path.name}, which the pot would copy into every export; "
+                            "that checkpoint is damaged — the pot was not changed"
+                        )
                     checksums[key] = _tensor_crc(t)
                     writer.write(key, t.contiguous())
                 writer.finish()
@@ -410,7 +416,10 @@ class Pot:
                         mean = part + scale * (mean - part)
                     chunk = buf[: stop - start]
                     chunk.copy_(mean)
-                    if not torch.isfinite(chunk).all():
+                    if not all_finite(chunk):
+                        if b is not None and not all_finite(b[start:stop]):
+                            raise NonFiniteError(f"{key}: NaN/Inf in the base {Path(base['path']).name}; "
+                                                 "that checkpoint is damaged — export without --scale")
                         raise NonFiniteError(f"{key}: the soup average overflows {dtype}; export with --dtype fp32 or bf16")
                     writer.write_part(key, start, chunk)
                 writer.complete(key)
@@ -467,10 +476,8 @@ def _update_key(key: str, old: SafetensorsReader | None, readers: list[Checkpoin
             acc.zero_()
         for model, coef, reader in zip(models, coefs, readers):
             part = model[start:stop]
-            if part.is_floating_point() and part.numel():
-                low, high = torch.aminmax(part)
-                if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                    raise NonFiniteError(f"{reader.path.name}: NaN/Inf in {key}; that checkpoint is damaged — the pot was not changed")
+            if not all_finite(part):
+                raise NonFiniteError(f"{reader.path.name}: NaN/Inf in {key}; that checkpoint is damaged — the pot was not changed")
             acc.add_(part.to(torch.float64), alpha=coef)
         crc = _tensor_crc(acc, crc)
         writer.write_part(key, start, acc)

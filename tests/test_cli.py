@@ -329,6 +329,22 @@ def test_nan_input_on_the_command_line(models, out_dir, capsys):
     assert leftovers(out_dir, out.name) == []
 
 
+def test_nan_copied_at_alpha_zero_on_the_command_line(models, out_dir, capsys):
+    """α = 0 copies A unmerged; a NaN in A is still one error line naming key, model and file."""
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    A = load_tensors(models.sd1_a)
+    bad = A[key].clone()
+    bad.view(-1)[7] = float("nan")
+    a = models.derive(models.sd1_a, "a_nan.safetensors", replace={key: bad})
+    out = out_dir / "o.safetensors"
+    line = run_error(capsys, "merge", str(a), str(models.sd1_b), "-o", str(out), "--alpha", "0")
+    assert key in line and "A (a_nan.safetensors)" in line
+    assert leftovers(out_dir, out.name) == []
+    line = run_error(capsys, "merge", str(models.sd1_a), "noise(seed=1,scale=inf)", "-o", str(out), "--alpha", "0.1")
+    assert "scale" in line and "finite" in line
+    assert leftovers(out_dir, out.name) == []
+
+
 def test_warnings_go_to_stderr_without_failing(models, out_dir, capsys):
     missing = "model.diffusion_model.output_blocks.4.1.proj_out.weight"
     b = models.derive(models.sd1_b, "b_missing.safetensors", drop=[missing])

@@ -462,6 +462,72 @@ def test_nan_in_input_names_key_and_model(models, out_dir):
         assert leftovers(out_dir, out.name) == []
 
 
+def _poison(models, src: Path, name: str, key: str, value: float = float("nan"), **changes) -> Path:
+    tensor = load_tensors(src)[key].clone()
+    tensor.view(-1)[tensor.numel() // 2] = value
+    return models.derive(src, name, replace={key: tensor}, **changes)
+
+
+TEXT_KEY = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+M00_KEY = "model.diffusion_model.middle_block.1.proj_out.weight"
+
+
+@pytest.mark.parametrize("case", ["alpha0", "base0_grad_v", "m00_zero", "only_in_a", "schedule_buffer", "fp32_to_fp16"])
+def test_non_finite_value_copied_from_an_input_is_refused(models, out_dir, case):
+    """Keys written straight from A (a block at ratio 0, a key B lacks, a copied buffer) get the
+    refusal merged keys get: key, model and file named, no file left."""
+    key, value, kwargs, changes = TEXT_KEY, float("nan"), {"alpha": 0.0}, {}
+    if case == "base0_grad_v":  # GRAD_V's BASE is 0: the text encoder is copied from A
+        key, value, kwargs = TEXT_KEY, float("inf"), {"weights": "GRAD_V"}
+    elif case == "m00_zero":
+        key, kwargs = M00_KEY, {"alpha": 0.5, "weights": "M00=0"}
+    elif case == "only_in_a":
+        key, kwargs = M00_KEY, {"alpha": 0.5}
+    elif case == "schedule_buffer":  # float, but never averaged ("copy" kind)
+        key, kwargs, changes = "alphas_cumprod", {"alpha": 0.5}, {"add": {"alphas_cumprod": torch.linspace(1, 0.1, 8)}}
+    a = models.sd1_a
+    if case == "schedule_buffer":
+        a = models.derive(a, "a_buf.safetensors", **changes)
+    bad = _poison(models, a, "a_bad.safetensors", key, value)
+    b = models.derive(models.sd1_b, "b_lacks.safetensors", drop=[key]) if case == "only_in_a" else models.sd1_b
+    if case == "fp32_to_fp16":  # A in fp32 with a value beyond fp16's range: the cast overflows
+        big = load_tensors(models.sd1_a)[key].float().clone()
+        big.view(-1)[5] = 1e6
+        bad = models.derive(models.sd1_a, "a_big.safetensors", replace={key: big})
+    out = out_dir / "copied.safetensors"
+    with pytest.raises(NonFiniteError) as err:
+        run_merge([bad, b], out, **kwargs)
+    message = str(err.value)
+    assert key in message and bad.name in message and "\n" not in message
+    assert ("A (" in message) and (("fp16" in message or "float16" in message) if case == "fp32_to_fp16" else "NaN/Inf" in message)
+    assert leftovers(out_dir, out.name) == []
+
+
+def test_non_finite_value_in_a_baked_vae_is_refused(models, out_dir):
+    from safetensors.torch import save_file
+
+    vae_key = "first_stage_model.decoder.conv_out.weight"
+    vae = {k[len("first_stage_model."):]: v for k, v in load_tensors(models.sd1_b).items()
+           if k.startswith("first_stage_model.")}
+    vae["decoder.conv_out.weight"].view(-1)[0] = float("nan")
+    path = models.dir / "bad.vae.safetensors"
+    save_file(vae, str(path))
+    out = out_dir / "vae.safetensors"
+    with pytest.raises(NonFiniteError) as err:
+        run_merge([models.sd1_a, models.sd1_b], out, alpha=0.5, vae=str(path))
+    assert vae_key in str(err.value) and "VAE (bad.vae.safetensors)" in str(err.value)
+    assert leftovers(out_dir, out.name) == []
+
+
+def test_integer_tensors_and_finite_copies_still_pass(models, out_dir):
+    """The copy check leaves integers alone and does not change a copied key's bytes."""
+    out = out_dir / "ok.safetensors"
+    run_merge([models.sd1_a, models.sd1_b], out, alpha=0.0)
+    got, A = load_tensors(out), load_tensors(models.sd1_a)
+    assert torch.equal(got[POSITION_IDS], A[POSITION_IDS])
+    assert all(torch.equal(got[k], A[k]) for k in A if not k.startswith("model_ema."))
+
+
 def test_failed_merge_leaves_the_callers_cancel_event_alone(models, out_dir):
     key = "model.diffusion_model.out.2.weight"
     B = load_tensors(models.sd1_b)

@@ -212,3 +212,24 @@ def test_one_change_at_a_time(models, tmp_path):
     finally:
         os.close(fd)
     assert Pot(folder).total_weight == 2.0
+
+
+def test_non_finite_copied_key_is_refused(models, tmp_path):
+    """Copied keys (here a float schedule buffer) go into every export unchanged: a NaN there is
+    refused when the pot adopts them, as a NaN in an averaged key is."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(models[0]))
+    tensors["alphas_cumprod"] = torch.tensor([1.0, float("nan"), 0.5])
+    bad = tmp_path / "buffer_nan.safetensors"
+    save_file(tensors, str(bad))
+    folder = tmp_path / "pot"
+    pot = Pot.init(folder)
+    before = snapshot(folder)
+    with pytest.raises(NonFiniteError, match=r"alphas_cumprod: NaN/Inf in buffer_nan\.safetensors"):
+        pot.add([bad])
+    after = {name: data for name, data in snapshot(folder).items() if name != ".lock"}  # the lock stays
+    assert after == before and Pot(folder).ingredients == []
+    with pytest.raises(NonFiniteError, match="alphas_cumprod"):
+        Pot.init(tmp_path / "based", base=bad)
+    assert not (tmp_path / "based" / "manifest.json").exists()
