@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
     m.add_argument("--seed", type=int, help="seed for random methods and noise inputs (default 0)")
     m.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output dtype (default fp16)")
-    m.add_argument("--blocks", help="key→block policy: supermerger (default) or sd-mecha")
+    m.add_argument("--blocks", help="key→block policy: supermerger (default), supermerger-2023, bbc-mc or sd-mecha")
     m.add_argument("--vae", metavar="FILE", help="bake this VAE (a VAE file or a checkpoint) into the output")
     m.add_argument("--threads", type=int, help="worker threads (default: cores + 1, 2..4)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (inputs are never overwritten)")

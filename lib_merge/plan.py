@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .arch import BLOCK_POLICIES, ModelInfo, block_of, detect_architecture, key_kind
+from .arch import BLOCK_POLICIES, ModelInfo, block_of, detect_architecture, kept_from_a, key_kind
 from .blocks import parse_block_weights
 from .errors import ArchitectureMismatchError, BadParameterError, CorruptFileError, MergeError
 from .inputs import VirtualInput, parse_model_ref
@@ -181,7 +181,7 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         if kind == "drop":
             continue
         block = block_of(arch, key, recipe.blocks)
-        if kind == "copy" or any(key in m for m in missing_by_model.values()):
+        if kind == "copy" or kept_from_a(arch, key, recipe.blocks) or any(key in m for m in missing_by_model.values()):
             jobs.append(KeyJob(key, "copy", block, a_info.shape, a_info.torch_dtype, {}, (0,)))
             continue
         key_params, identity, sources = per_block[block]

@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .arch.keys import DEFAULT_POLICY
 from .errors import RecipeError
 
 RECIPE_VERSION = 1
 METADATA_KEY = "lib_merge_recipe"
+# The key->block policy a version-1 recipe without "blocks" was written with. Pinned here rather
+# than taken from arch.DEFAULT_POLICY so that a later change of the default cannot change what an
+# old recipe reproduces.
+V1_DEFAULT_BLOCKS = "supermerger"
 _FIELDS = {
     "version", "method", "models", "alpha", "beta", "weights", "beta_weights", "params",
     "seed", "dtype", "blocks", "vae", "model_hashes",
@@ -36,7 +41,7 @@ class Recipe:
     params: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: str = "fp16"
-    blocks: str = "supermerger"
+    blocks: str = DEFAULT_POLICY
     vae: str | None = None
     model_hashes: tuple[str, ...] = ()
     version: int = RECIPE_VERSION
@@ -103,7 +108,7 @@ class Recipe:
                 params=dict(params),
                 seed=int(data.get("seed", 0)),
                 dtype=str(data.get("dtype", "fp16")),
-                blocks=str(data.get("blocks", "supermerger")),
+                blocks=str(data.get("blocks", V1_DEFAULT_BLOCKS)),
                 vae=data.get("vae"),
                 model_hashes=tuple(data.get("model_hashes") or ()),
             )

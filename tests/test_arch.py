@@ -1,5 +1,5 @@
 """Architecture detection and key classification, checked against the full SD1.x / SDXL key lists
-in ../shared/arch-specs and against the layouts the library generates itself."""
+in tests/data and against the layouts the library generates itself."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from lib_merge.arch import (
     ARCHITECTURES,
     BLOCK_POLICIES,
+    DEFAULT_POLICY,
     SD1,
     SD2,
     SDXL,
@@ -21,6 +22,7 @@ from lib_merge.arch import (
     detect_architecture,
     full_layout,
     get_arch,
+    kept_from_a,
     key_kind,
     keys_by_block,
     unet_layout,
@@ -31,15 +33,20 @@ from lib_merge.errors import (
     UnknownArchitectureError,
 )
 
-ARCH_SPECS = Path(__file__).resolve().parents[1].parent / "shared" / "arch-specs"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _reference(name: str) -> dict:
+    """tests/data/NAME.json as {"num_keys", "num_params", "keys": {key: {"shape", "int"?}}}."""
+    raw = json.loads((DATA / f"{name}.json").read_text())
+    ints = set(raw["int_keys"])
+    keys = {k: ({"shape": s, "int": True} if k in ints else {"shape": s}) for k, s in raw["shapes"].items()}
+    return {"num_keys": raw["num_keys"], "num_params": raw["num_params"], "keys": keys}
 UNET = "model.diffusion_model."
 
 
 def _load_spec(name: str) -> dict:
-    path = ARCH_SPECS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return json.loads(path.read_text())["keys"]
+    return _reference(name)["keys"]
 
 
 @pytest.fixture(scope="module")
@@ -276,25 +283,42 @@ def _expected_block(key: str, arch: ArchSpec, policy: str) -> str:
     if key.startswith(UNET + "out."):
         return last_out
     if key.startswith((UNET + "time_embed.", UNET + "label_emb.")):
-        return {"supermerger": "IN00", "sd-mecha": "BASE"}[policy]
+        if policy == "supermerger-2023" and arch is not SDXL:
+            return last_out  # supermerger's BLOCKID[-2 + 1] wrap
+        return {"supermerger": "IN00", "bbc-mc": "IN00", "supermerger-2023": "IN00", "sd-mecha": "BASE"}[policy]
     raise AssertionError(f"unexpected key {key}")
 
 
-@pytest.mark.parametrize("policy", ["supermerger", "sd-mecha"])
+POLICIES = ["supermerger", "supermerger-2023", "bbc-mc", "sd-mecha"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_every_sd1_key_maps_to_its_block(sd1_keys: dict, policy: str) -> None:
     for key in sd1_keys:
         assert block_of(SD1, key, policy) == _expected_block(key, SD1, policy), key
 
 
-@pytest.mark.parametrize("policy", ["supermerger", "sd-mecha"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_every_sdxl_key_maps_to_its_block(sdxl_keys: dict, policy: str) -> None:
     for key in sdxl_keys:
         assert block_of(SDXL, key, policy) == _expected_block(key, SDXL, policy), key
 
 
-def test_every_sd2_key_maps_to_its_block() -> None:
-    for key in full_layout(SD2):
-        assert block_of(SD2, key) == _expected_block(key, SD2, "supermerger"), key
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_sd2_key_maps_to_its_block(policy: str) -> None:
+    sd2_keys = _load_spec("sd2")
+    assert len(sd2_keys) == 1228
+    for key in sd2_keys:
+        assert block_of(SD2, key, policy) == _expected_block(key, SD2, policy), key
+
+
+@pytest.mark.parametrize("arch, keys", [(SD1, "sd1"), (SD2, "sd2"), (SDXL, "sdxl")])
+def test_only_supermerger_2023_keeps_sdxl_embeddings_from_a(arch: ArchSpec, keys: str) -> None:
+    kept = {p: sorted(k for k in _load_spec(keys) if kept_from_a(arch, k, p)) for p in POLICIES}
+    expected = [UNET + f"{m}.{i}.{t}" for m, i in (("label_emb", "0.0"), ("label_emb", "0.2"),
+                                                   ("time_embed", "0"), ("time_embed", "2"))
+                for t in ("bias", "weight")] if arch is SDXL else []
+    assert kept == {"supermerger": [], "supermerger-2023": expected, "bbc-mc": [], "sd-mecha": []}
 
 
 def test_block_counts_sd1(sd1_keys: dict) -> None:
@@ -353,11 +377,22 @@ def test_block_of_spot_checks() -> None:
 
 
 def test_block_of_errors() -> None:
-    with pytest.raises(BadBlockWeightsError, match="'comfy'.*sd-mecha.*supermerger"):
+    with pytest.raises(BadBlockWeightsError, match="'comfy'.*bbc-mc.*sd-mecha.*supermerger.*supermerger-2023"):
         block_of(SD1, UNET + "out.2.weight", policy="comfy")
     with pytest.raises(ArchitectureMismatchError, match="input_blocks 11.*SDXL"):
         block_of(SDXL, UNET + "input_blocks.11.0.in_layers.0.weight")
-    assert set(BLOCK_POLICIES) == {"supermerger", "sd-mecha"}
+    assert set(BLOCK_POLICIES) == {"supermerger", "supermerger-2023", "bbc-mc", "sd-mecha"}
+    with pytest.raises(BadBlockWeightsError, match="'comfy'"):
+        kept_from_a(SDXL, UNET + "label_emb.0.0.weight", policy="comfy")
+
+
+def test_default_policy_is_current_supermerger() -> None:
+    # supermerger 0b1c491 (2cbd062 onwards): with a 26/20-value vector time_embed and label_emb
+    # take IN00's weight (see the lib_merge.arch.keys docstring).
+    assert DEFAULT_POLICY == "supermerger"
+    for arch, key in ((SD1, "time_embed.0.weight"), (SDXL, "time_embed.2.bias"), (SDXL, "label_emb.0.0.weight")):
+        assert block_of(arch, UNET + key) == block_of(arch, UNET + key, "bbc-mc") == "IN00"
+        assert not kept_from_a(arch, UNET + key)
 
 
 def test_keys_by_block_groups_in_block_order(sdxl_keys: dict) -> None:
@@ -413,3 +448,82 @@ def test_component_of() -> None:
     assert component_of("first_stage_model.decoder.conv_out.weight") == "vae"
     assert component_of("alphas_cumprod") == "other"
     assert component_of("model_ema.decay") == "other"
+
+
+# ---- policies in a real merge ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory) -> tuple:
+    import torch
+
+    from lib_merge.synthetic import write_synthetic_checkpoint
+
+    folder = tmp_path_factory.mktemp("policy")
+    a = write_synthetic_checkpoint(folder / "a.safetensors", "sdxl", width_divisor=32, model=0, dtype=torch.float32)
+    b = write_synthetic_checkpoint(folder / "b.safetensors", "sdxl", width_divisor=32, model=1, dtype=torch.float32)
+    return folder, a, b
+
+
+def _merge_json(folder: Path, name: str, recipe_json: str) -> dict:
+    from lib_merge.engine import merge
+    from lib_merge.recipe import Recipe
+    from tests.files import load_tensors
+
+    out = folder / name
+    merge(Recipe.from_json(recipe_json).with_base_dir(folder), out, overwrite=True)
+    return {"bytes": out.read_bytes(), "tensors": load_tensors(out)}
+
+
+def _recipe_json(blocks: str | None) -> str:
+    data = {"version": 1, "method": "weighted_sum", "models": ["a.safetensors", "b.safetensors"],
+            "alpha": 0.5, "weights": "GRAD_V", "params": {}, "seed": 0, "dtype": "fp32"}
+    if blocks is not None:
+        data["blocks"] = blocks
+    return json.dumps(data)
+
+
+def test_grad_v_on_sdxl_embeddings_per_policy(sdxl_pair: tuple) -> None:
+    from tests.files import load_tensors
+
+    folder, a_path, b_path = sdxl_pair
+    a, b = load_tensors(a_path), load_tensors(b_path)
+    embeddings = [k for k in a if k.startswith((UNET + "time_embed.", UNET + "label_emb."))]
+    assert len(embeddings) == 8
+    runs = {p: _merge_json(folder, f"{p}.safetensors", _recipe_json(p))["tensors"] for p in POLICIES}
+    for key in embeddings:
+        assert not a[key].equal(b[key])
+        # GRAD_V on XL: BASE 0, IN00 1 -> current supermerger and bbc-mc take B, sd-mecha keeps A
+        # through BASE, supermerger 2023-2025 never merged them ("Not Merge").
+        assert runs["supermerger"][key].equal(b[key]), key
+        assert runs["bbc-mc"][key].equal(b[key]), key
+        assert runs["sd-mecha"][key].equal(a[key]), key
+        assert runs["supermerger-2023"][key].equal(a[key]), key
+    # Everything else is the same table under the three supermerger-style policies.
+    others = [k for k in a if k not in embeddings]
+    assert all(runs["supermerger-2023"][k].equal(runs["supermerger"][k]) for k in others)
+    assert any(not runs["supermerger"][k].equal(a[k]) for k in others)
+
+
+def test_old_recipes_rerun_with_the_meaning_they_were_written_with(sdxl_pair: tuple) -> None:
+    # A version-1 recipe written before supermerger-2023 / bbc-mc existed says "supermerger" or
+    # nothing, and meant IN00; both must give exactly the bbc-mc (IN00) file.
+    folder, _, _ = sdxl_pair
+    pinned = _merge_json(folder, "pinned.safetensors", _recipe_json("bbc-mc"))["bytes"]
+    for name, blocks in (("named.safetensors", "supermerger"), ("unnamed.safetensors", None)):
+        out = _merge_json(folder, name, _recipe_json(blocks))["bytes"]
+        body = lambda raw: raw[8 + int.from_bytes(raw[:8], "little"):]  # noqa: E731  (tensor data only)
+        assert body(out) == body(pinned), name
+
+
+def test_every_entry_point_defaults_to_the_same_policy() -> None:
+    # The board and the live preview build Recipe() without a policy; the CLI and inspect name one.
+    import inspect as pyinspect
+
+    from lib_merge.cli import build_parser
+    from lib_merge.inspect import inspect_models
+    from lib_merge.recipe import Recipe
+
+    assert Recipe("weighted_sum", ("a", "b")).blocks == DEFAULT_POLICY
+    assert pyinspect.signature(inspect_models).parameters["policy"].default == DEFAULT_POLICY
+    assert build_parser().parse_args(["inspect", "a.safetensors"]).blocks == DEFAULT_POLICY

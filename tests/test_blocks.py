@@ -1,6 +1,7 @@
 """Block-weight parsing, presets and the canonical string form."""
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from lib_merge.blocks import (
 from lib_merge.errors import BadBlockWeightsError, UnknownArchitectureError
 from lib_merge.presets import PRESETS, PRESETS_XL
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "merge-reference.md"
+PRESET_DATA = Path(__file__).resolve().parent / "data" / "presets.json"
 HINT = "python -m lib_merge methods"
 
 
@@ -49,20 +50,15 @@ def test_preset_spot_values() -> None:
     assert PRESETS_XL["CUBIC_HERMITE"][1:4] == (0.0, 0.268, 0.461)
 
 
-def _doc_table(heading: str) -> dict:
-    if not REFERENCE.is_file():
-        pytest.skip(f"{REFERENCE} not present")
-    text = REFERENCE.read_text()
-    section = text[text.index(heading):]
-    section = section[: section.index("\n### ", 1)]
-    rows = re.findall(r"^\| (\S+) \| ([0-9.,]+) \|$", section, re.M)
-    return {name: tuple(float(x) for x in values.split(",")) for name, values in rows}
+def _reference_table(name: str) -> dict:
+    rows = json.loads(PRESET_DATA.read_text())[name]
+    return {preset: tuple(float(x) for x in values.split(",")) for preset, values in rows.items()}
 
 
 def test_presets_match_the_reference_tables() -> None:
-    assert PRESETS == _doc_table("### 2.1")
-    assert PRESETS_XL == _doc_table("### 2.2")
-    assert list(PRESETS) == list(_doc_table("### 2.1"))
+    assert PRESETS == _reference_table("presets")
+    assert PRESETS_XL == _reference_table("presets_xl")
+    assert list(PRESETS) == list(_reference_table("presets"))
 
 
 def test_preset_names() -> None:

@@ -14,16 +14,13 @@ from lib_merge.testing import (
     sdxl_config,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"
 PREFIX = "model.diffusion_model."
 
 
 def _spec(name):
-    path = SHARED / "arch-specs" / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    keys = json.loads(path.read_text())["keys"]
-    return {k: tuple(v["shape"]) for k, v in keys.items() if k.startswith(PREFIX)}
+    shapes = json.loads((DATA / f"{name}.json").read_text())["shapes"]
+    return {k: tuple(v) for k, v in shapes.items() if k.startswith(PREFIX)}
 
 
 @pytest.mark.parametrize("name, config", [("sd1", sd1_config()), ("sdxl", sdxl_config())])

@@ -8,6 +8,7 @@ from .keys import (
     DEFAULT_POLICY,
     block_of,
     component_of,
+    kept_from_a,
     key_kind,
     keys_by_block,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "detect_architecture",
     "full_layout",
     "get_arch",
+    "kept_from_a",
     "key_kind",
     "keys_by_block",
     "unet_layout",

@@ -3,7 +3,25 @@ and which component (U-Net, text encoder, VAE) it is part of.
 
 The block table is explicit and versioned by policy name because the tools in the wild disagree
 about ``time_embed`` / ``label_emb`` (merge-reference.md §1.2); the policy name goes into the
-recipe so a merge can be reproduced with the same assignment.
+recipe so a merge can be reproduced with the same assignment. A policy name never changes
+meaning once released: if a tool changes its table again, that becomes a new name.
+
+What supermerger does, read from hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py``
+(``blockfromkey`` and the stage-1 loop that turns its second return value into an index of
+``BLOCKID`` / ``BLOCKIDXLL`` and then ``weights_a[index - 1]``):
+
+* HEAD 0b1c491 (2025-11-28), unchanged since 2cbd062 "added extended XL merge" (2025-11-27): SD1
+  ``time_embed`` gets ``weight_index = 0`` -> ``BLOCKID[1]`` = IN00; SDXL ``time_embed`` /
+  ``label_emb`` return ``("TIME"|"LABEL", "IN00")``, so with a 26/20-value vector they take IN00's
+  weight. Only a 110-value "extended XL" vector gives TIME and LABEL their own slots. -> policy
+  ``supermerger`` (the default), the same table as bbc-mc's merge-block-weighted GUI
+  (``scripts/mbw/merge_block_weighted.py`` 8a62a75: ``time_embed`` -> ``weight_index = 0``).
+* 3bb6f1f (2023-07-25) up to fde2849, the last commit before 2cbd062: SDXL ``time_embed`` /
+  ``label_emb`` return ``"Not Merge"``, which is in no index list, so the loop ``continue``s and
+  A's tensor is kept whatever the weights; SD1 ``time_embed`` sets ``weight_index = -2`` and
+  ``BLOCKID[-2 + 1]`` wraps round to the last entry, OUT11, whose weight it takes. The preset
+  table (``mbwpresets_master.txt``) was used with these versions for over two years, so they are
+  kept reproducible as policy ``supermerger-2023``.
 """
 from __future__ import annotations
 
@@ -12,7 +30,7 @@ from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..errors import ArchitectureMismatchError, BadBlockWeightsError
-from .spec import ArchSpec, get_arch
+from .spec import SDXL, ArchSpec, get_arch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -21,8 +39,16 @@ TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
 DEFAULT_POLICY = "supermerger"
 BLOCK_POLICIES: Dict[str, str] = {
     "supermerger": (
-        "current supermerger: text encoders and VAE -> BASE, time_embed and SDXL label_emb "
-        "-> IN00, out.* -> last OUT block"
+        "supermerger since 2025-11-27 (2cbd062): text encoders and VAE -> BASE, time_embed and "
+        "SDXL label_emb -> IN00, out.* -> last OUT block"
+    ),
+    "supermerger-2023": (
+        "supermerger 2023-07-25 (3bb6f1f) to 2025-11-26: as supermerger, but SDXL time_embed and "
+        "label_emb are not merged (A kept) and SD1/SD2 time_embed takes OUT11's weight"
+    ),
+    "bbc-mc": (
+        "bbc-mc merge-block-weighted: time_embed (and SDXL label_emb) -> IN00; the same table as "
+        "supermerger, pinned to its origin"
     ),
     "sd-mecha": (
         "sd-mecha supermerger_blocks: text encoders, VAE, time_embed and SDXL label_emb -> BASE, "
@@ -108,8 +134,26 @@ def _block_of(arch: ArchSpec, key: str, policy: str) -> str:
     if module == "out":
         return arch.last_out
     if module in _EMBEDDING_MODULES:
-        return "IN00" if policy == "supermerger" else "BASE"
+        if policy == "sd-mecha":
+            return "BASE"
+        if policy == "supermerger-2023" and arch.name != SDXL.name:
+            # The BLOCKID[-1] wrap (module docstring); its SD1 branch knows no label_emb.
+            return arch.last_out if module == "time_embed" else "BASE"
+        # supermerger-2023 keeps SDXL's embeddings from A (kept_from_a); they are listed with IN00.
+        return "IN00"
     return "BASE"
+
+
+def kept_from_a(arch: ArchSpec | str, key: str, policy: str = DEFAULT_POLICY) -> bool:
+    """Whether ``policy`` leaves ``key`` out of the merge, so the output holds A's tensor whatever
+    the weights (supermerger-2023's "Not Merge" for SDXL ``time_embed`` / ``label_emb``)."""
+    _check_policy(policy)
+    spec = get_arch(arch)
+    if policy != "supermerger-2023" or spec.name != SDXL.name:
+        return False
+    if not key.startswith(UNET_PREFIX):
+        return False
+    return key[len(UNET_PREFIX):].partition(".")[0] in _EMBEDDING_MODULES
 
 
 def keys_by_block(
