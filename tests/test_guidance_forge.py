@@ -171,3 +171,117 @@ def test_sdxl_dict_conditioning(forge):
     _, res = forge.run([{"untitled": "empty", "pag_scale": 3}], batch_size=1)
     assert forge.calls == [3, 3]  # SDXL zeroes an empty negative: c ≠ u, the uncond stays
     assert torch.isfinite(res.images).all()
+
+
+# --- the perturbed rows, numerically (twins of test_guidance_hooks' PAG/SEG reference checks) ---
+
+
+def _record_forwards(kmodel, monkeypatch):
+    """Every apply_model call of the generation: (x, t, context, our row marks, output)."""
+    from lib_merge.webui.forge import ROWS_KEY
+
+    seen = []
+    plain = kmodel.apply_model
+
+    def apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        marks = dict(transformer_options.get(ROWS_KEY) or {})
+        out = plain(x, t, c_concat=c_concat, c_crossattn=c_crossattn, control=control, transformer_options=transformer_options, **kwargs)
+        seen.append((x.clone(), t.clone(), c_crossattn.clone(), marks, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(kmodel, "apply_model", apply_model)
+    return seen
+
+
+def _reference_kmodel(kmodel, spec, perturb):
+    """A copy of the model whose chosen attn1 modules are replaced per instance, outside Forge's patch path."""
+    import copy
+
+    from backend.modules.k_model import KModel
+
+    from lib_merge.guidance import find_attention_layers
+
+    unet = copy.deepcopy(kmodel.diffusion_model)
+    for _, _, attn in find_attention_layers(unet, spec):
+        perturb(attn)
+    return KModel(unet)
+
+
+def _projected_v(attn):
+    import types
+
+    attn.forward = types.MethodType(lambda self, x, context=None, mask=None: self.to_out(self.to_v(x)), attn)
+
+
+def _blurred_queries(sigma, latent_hw):
+    from lib_merge.guidance import blur_queries, feature_hw
+
+    def perturb(attn):
+        attn.to_q.register_forward_hook(lambda m, a, q: blur_queries(q, feature_hw(latent_hw, q.shape[1]), sigma))
+
+    return perturb
+
+
+def _check_perturbed_rows(seen, role, reference, plain):
+    """The marked rows of each recorded forward equal ``reference`` on the same inputs, compared as
+    the U-Net's ε output (x0 at a small σ hides the U-Net's part), and clearly differ from ``plain``."""
+    checked = 0
+    for x, t, ctx, marks, out in seen:
+        rows = marks.get(role)
+        if rows is None:
+            continue
+        sigma = t[rows].view(-1, 1, 1, 1)
+        eps = lambda d: (x[rows] - d) / sigma
+        with torch.no_grad():
+            expected = eps(reference.apply_model(x[rows], t[rows], c_crossattn=ctx[rows]))
+            unperturbed = eps(plain.apply_model(x[rows], t[rows], c_crossattn=ctx[rows]))
+        got = eps(out[rows])
+        error = (got - expected).abs().max().item()
+        effect = (unperturbed - expected).abs().max().item()
+        assert error < 1e-4 * max(1.0, expected.abs().max().item()), (role, error)
+        assert effect > 100 * error + 1e-3, (role, effect)  # the perturbation is far above the match error
+        checked += 1
+    return checked
+
+
+def _check_unmarked_rows(seen, plain):
+    """Forge's own rows (u, c) in every forward are the unpatched model's output."""
+    for x, t, ctx, marks, out in seen:
+        starts = [r.start for k, r in marks.items() if isinstance(r, slice)]
+        if None in starts:
+            continue  # a separate perturbed pass: every row is ours
+        rows = slice(0, min(starts, default=x.shape[0]))
+        with torch.no_grad():
+            torch.testing.assert_close(out[rows], plain.apply_model(x[rows], t[rows], c_crossattn=ctx[rows]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_forge_pag_rows_equal_a_model_whose_attn1_returns_projected_v(forge, monkeypatch, batched):
+    from backend import memory_management
+
+    kmodel = forge.shared.sd_model.kmodel
+    plain = _reference_kmodel(kmodel, "M00", lambda attn: None)
+    reference = _reference_kmodel(kmodel, "all", _projected_v)
+    seen = _record_forwards(kmodel, monkeypatch)
+    if not batched:  # room for Forge's [u, c] only: PAG runs as its own calc_cond_uncond_batch
+        monkeypatch.setattr(memory_management, "free_memory_bytes", 4_000_000)
+    forge.run([{"pag_scale": 3, "pag_layers": "all"}], batch_size=2, width=64, height=32)
+    assert _check_perturbed_rows(seen, "pag", reference, plain) == 2
+    _check_unmarked_rows(seen, plain)
+
+
+@pytest.mark.parametrize("sigma", [1.5, float("inf")])
+@pytest.mark.parametrize("batched", [True, False])
+def test_forge_seg_rows_equal_a_model_with_blurred_attn1_queries(forge, monkeypatch, batched, sigma):
+    from backend import memory_management
+
+    kmodel = forge.shared.sd_model.kmodel
+    latent_hw = (4, 8)  # 32 x 64 px: a non-square grid
+    plain = _reference_kmodel(kmodel, "M00", lambda attn: None)
+    reference = _reference_kmodel(kmodel, "all", _blurred_queries(sigma, latent_hw))
+    seen = _record_forwards(kmodel, monkeypatch)
+    if not batched:
+        monkeypatch.setattr(memory_management, "free_memory_bytes", 4_000_000)
+    forge.run([{"seg_scale": 2, "seg_sigma": sigma, "seg_layers": "all"}], batch_size=2, width=64, height=32)
+    assert _check_perturbed_rows(seen, "seg", reference, plain) == 2
+    _check_unmarked_rows(seen, plain)
