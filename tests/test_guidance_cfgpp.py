@@ -174,3 +174,45 @@ def test_cfgpp_runs_through_the_stack_on_the_tiny_unet():
         out = sample_euler_cfgpp(denoiser, x, sigmas)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert denoiser.cfgpp_state is stack.cfgpp_state and stack.cfgpp_state.uncond is not None
+
+
+def _toy_inner(x, sigma, cond):
+    # Any deterministic x0 predictor will do: the comparison below is exact algebra around it.
+    s = sigma[:, None, None, None]
+    return 0.5 * x / (1 + s) + cond
+
+
+@pytest.mark.parametrize("sampler,eta", [(sample_euler_cfgpp, None), (sample_euler_ancestral_cfgpp, 0.7), (sample_ddim_cfgpp, 0.5)])
+def test_cfgpp_with_dynthres_steps_like_plain_cfg_with_dynthres_at_the_equivalent_scale(sampler, eta):
+    """Issue 9 item 6: the mimic scale is on the CFG axis, so a CFG++ step with dynamic thresholding must
+    land where the plain step at ω = λσ/(σ − σ_tgt) with the same thresholding lands."""
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen) * 10.0
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    sigma, sigma_next, lam = 10.0, 8.0, 0.6
+    dyn = dict(dynthres_enabled=True, dynthres_mimic_scale=7.0, dynthres_variability_measure="STD")
+    stack = GuidanceStack(GuidanceSettings(cfgpp=lam, **dyn), 1, cfg_scale=7.0)
+    kwargs = {} if eta is None else {"eta": eta, "noise_sampler": lambda *_: z}
+    with GuidedDenoiser(_toy_inner, stack, diffusion_model=torch.nn.Module(), cond=cond, uncond=uncond) as den:
+        out = sampler(den, x, torch.tensor([sigma, sigma_next]), **kwargs)
+    sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta or 0.0)
+    omega = cfgpp_equivalent_scale(lam, sigma, sigma_down)
+    plain = GuidanceStack(GuidanceSettings(**dyn), 1, cfg_scale=omega)
+    with GuidedDenoiser(_toy_inner, plain, diffusion_model=torch.nn.Module(), cond=cond, uncond=uncond) as den:
+        d = den(x, torch.tensor(sigma))
+    expected = d + (sigma_down / sigma) * (x - d) + sigma_up * z
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert stack.cfgpp_state.renoise_ratio == pytest.approx(sigma_down / sigma)
+
+
+def test_dpmpp_2m_cfgpp_tells_the_stack_its_first_order_ratio():
+    class RatioSpy(ToyCfgpp):
+        def __call__(self, x, sigma):
+            self.ratios.append(self.cfgpp_state.renoise_ratio)
+            return super().__call__(x, sigma)
+
+    spy = RatioSpy(0.5)
+    spy.ratios = []
+    sample_dpmpp_2m_cfgpp(spy, torch.ones(1, 1, 2, 2), SIGMAS)
+    assert spy.ratios == pytest.approx([float(SIGMAS[i + 1] / SIGMAS[i]) for i in range(len(SIGMAS) - 1)])

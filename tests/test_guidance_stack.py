@@ -214,3 +214,125 @@ def test_guided_denoiser_batched_equals_unbatched_with_and_prompts(flavour):
     assert rows == [(14, 1), (14, 4)]
     # Guidance scales amplify float32 batching differences of the U-Net (about 1e-5) roughly tenfold.
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=5e-4)
+
+
+# --- who reads the uncond (issue 9, item 7) --------------------------------------------------
+
+
+def test_a_host_sampler_reading_the_uncond_keeps_it_at_cfg_one():
+    # A1111's DDIM CFG++ at CFG 12.5 makes w = 12.5 × 1/12.5 = 1 and renoises with last_noise_uncond.
+    stack = GuidanceStack(GuidanceSettings(pag_scale=3), 20, cfg_scale=1.0)
+    assert stack.plan(0).roles == ("cond", "pag")
+    assert stack.plan(0, host_reads_uncond=True).roles == ("cond", "uncond", "pag")
+    # With c ≡ u the cond rows are the uncond rows: skipped where the adapter hands them to the host
+    # (A1111), run where the host would otherwise read nothing (Forge).
+    same = GuidanceSettings(untitled="zero", pag_scale=3)
+    a1111_like = GuidanceStack(same, 20, cfg_scale=1.0, untitled_same_cond=True)
+    forge_like = GuidanceStack(same, 20, cfg_scale=1.0, untitled_same_cond=True, cond_stands_in_for_uncond=False)
+    assert a1111_like.plan(0, host_reads_uncond=True).roles == ("cond", "pag")
+    assert forge_like.plan(0, host_reads_uncond=True).roles == ("cond", "uncond", "pag")
+    assert forge_like.plan(0).roles == ("cond", "pag")
+
+
+def test_sanf_at_cfg_one_reads_the_uncond_only_inside_the_pag_window():
+    stack = _stack(cfg_scale=1.0, pag_scale=3.0, pag_sanf=True, pag_start=2, pag_end=3)
+    assert stack.plan(2).roles == ("cond", "uncond", "pag") and stack.plan(2).sanf
+    assert stack.plan(5).roles == ("cond",) and not stack.plan(5).sanf
+    c, p = _t(1), _t(3)
+    # Untitled c ≡ u: the skipped D_u is D_c exactly, so SANF still fuses (its CFG term is 0 there).
+    same = GuidanceStack(GuidanceSettings(pag_scale=3.0, pag_sanf=True), 10, cfg_scale=1.0, untitled_same_cond=True)
+    plan = same.plan(0)
+    assert plan.roles == ("cond", "pag")
+    out = same.combine(plan, 0, x=_t(9), sigma=torch.ones(2), d_cond=c, d_uncond=None, d_pag=p)
+    assert torch.allclose(out, c + sanf_fuse([torch.zeros_like(c), 3 * (c - p)]), atol=1e-6)
+
+
+def test_sanf_at_cfg_one_with_a_prompt_equals_the_fusion_with_the_real_uncond():
+    unet = make_tiny_unet("sd1")
+    cond, uncond = random_conditioning(unet.config, 2, seed=1), random_conditioning(unet.config, 2, seed=2)
+    x, sigma = _t(5, (2, 4, 8, 8)) * 3.0, torch.full((2,), 3.0)
+    eps = EpsDenoiser(unet)
+
+    def run(settings, cfg_scale, same_cond=False):
+        stack = GuidanceStack(settings, 10, cfg_scale=cfg_scale, untitled_same_cond=same_cond)
+        with GuidedDenoiser(eps, stack, diffusion_model=unet, cond=cond, uncond=uncond) as den, torch.no_grad():
+            return den(x, sigma), den.rows_per_step[0]
+
+    with torch.no_grad():
+        d_c, d_u = eps(x, sigma, cond=cond), eps(x, sigma, cond=uncond)
+    pag_only, _ = run(GuidanceSettings(pag_scale=1.0), 1.0)
+    d_pag = 2 * d_c - pag_only  # D = D_c + 1·(D_c − D_pag)
+    fused, rows = run(GuidanceSettings(pag_scale=3.0, pag_sanf=True), 1.0)
+    assert rows == 6  # c, u, c_pag for 2 images
+    expected = d_u + sanf_fuse([d_c - d_u, 3 * (d_c - d_pag)])
+    assert torch.allclose(fused, expected, atol=1e-4)
+    # Without the uncond the fusion silently became plain addition: the two differ clearly.
+    assert (fused - (d_c + 3 * (d_c - d_pag))).abs().max() > 0.1
+
+
+# --- CFG++ with dynamic thresholding (issue 9, item 6) ---------------------------------------
+
+
+def _cfgpp_dynthres(measure, start, sigma, sigma_next, lam=0.6, mimic=7.0, **extra):
+    c, u = _t(1, (2, 4, 16, 16)), _t(2, (2, 4, 16, 16))
+    settings = GuidanceSettings(cfgpp=lam, dynthres_enabled=True, dynthres_mimic_scale=mimic,
+                                dynthres_variability_measure=measure, dynthres_scaling_startpoint=start, **extra)
+    stack = GuidanceStack(settings, 20, cfg_scale=7.0)
+    stack.cfgpp_state.begin(sigma, sigma_next)
+    x = _t(3, (2, 4, 16, 16))
+    out = stack.combine(stack.plan(0), 0, x=x, sigma=torch.full((2,), sigma), d_cond=c, d_uncond=u)
+    return out, c, u, x
+
+
+@pytest.mark.parametrize("measure,start", [("STD", "MEAN"), ("AD", "ZERO"), ("AD", "MEAN")])
+@pytest.mark.parametrize("sigma_next", [7.0, 9.5])
+def test_cfgpp_dynthres_is_plain_cfg_dynthres_at_the_equivalent_scale(measure, start, sigma_next):
+    sigma, lam = 10.0, 0.6
+    out, c, u, x = _cfgpp_dynthres(measure, start, sigma, sigma_next, lam)
+    keep = 1 - sigma_next / sigma
+    omega = lam / keep  # 2 and 12
+    plain = GuidanceStack(GuidanceSettings(dynthres_enabled=True, dynthres_variability_measure=measure,
+                                           dynthres_scaling_startpoint=start), 20, cfg_scale=omega)
+    d_plain = plain.combine(plain.plan(0), 0, x=x, sigma=torch.full((2,), sigma), d_cond=c, d_uncond=u)
+    # The CFG++ step lands where the plain step at ω with the same thresholding lands.
+    r = sigma_next / sigma
+    assert torch.allclose(out + r * (x - u), d_plain + r * (x - d_plain), atol=1e-4)
+    # The issue's measure std(D − D_u)/std(λΔ) was 10.3 (STD), 9.3 (AD/ZERO), 1.0 (AD/MEAN) for
+    # every step; now it is the plain-CFG ratio at ω, i.e. about mimic/ω once ω exceeds the mimic.
+    ratio = float((out - u).std() / (lam * (c - u)).std())
+    plain_ratio = float((d_plain - u).std() / (omega * (c - u)).std())
+    assert ratio == pytest.approx(plain_ratio, rel=1e-4)
+    if omega > 7:
+        assert ratio == pytest.approx(7 / omega, rel=0.01)
+
+
+def test_cfgpp_dynthres_std_gives_the_equivalent_step_the_mimic_spread():
+    out, c, u, _ = _cfgpp_dynthres("STD", "MEAN", 10.0, 7.0)
+    equivalent = u + (out - u) / 0.3
+    mimic = u + 7 * (c - u)
+
+    def spread(t):
+        return (t - t.mean(dim=(2, 3), keepdim=True)).std(dim=(2, 3))
+
+    assert torch.allclose(spread(equivalent), spread(mimic), rtol=1e-4)
+    assert float((out - u).std() / (0.6 * (c - u)).std()) == pytest.approx(3.43, abs=0.01)  # was 10.3
+
+
+def test_cfgpp_dynthres_schedules_the_cfg_equivalent_scale():
+    # cfg_mode Linear Down with min 2 at 20 steps: on step 0 (f = 0) nothing changes; the scale
+    # the schedule sees is ω = 12, so at f = 0.5 it would be 7, i.e. λ' = 7·(1 − r).
+    out, c, u, _ = _cfgpp_dynthres("STD", "MEAN", 10.0, 9.5, dynthres_interpolate_phi=0.0,
+                                   dynthres_cfg_mode="Linear Down", dynthres_cfg_scale_min=2.0)
+    assert torch.allclose(out, u + 0.6 * (c - u), atol=1e-5)  # φ = 0: the raw (scheduled) CFG++ result
+    stack = GuidanceStack(GuidanceSettings(cfgpp=0.6, dynthres_enabled=True, dynthres_interpolate_phi=0.0,
+                                           dynthres_cfg_mode="Linear Down", dynthres_cfg_scale_min=2.0), 3, cfg_scale=7.0)
+    stack.cfgpp_state.begin(10.0, 9.5)
+    c2, u2 = _t(1), _t(2)
+    mid = stack.combine(stack.plan(1), 1, x=_t(3), sigma=torch.full((2,), 10.0), d_cond=c2, d_uncond=u2)
+    assert torch.allclose(mid, u2 + 0.05 * 7.0 * (c2 - u2), atol=1e-5)
+
+
+def test_cfgpp_dynthres_needs_the_samplers_next_sigma():
+    stack = _stack(cfgpp=0.6, dynthres_enabled=True)
+    with pytest.raises(BadParameterError, match="next σ"):
+        stack.combine(stack.plan(0), 0, x=_t(9), sigma=torch.ones(2), d_cond=_t(1), d_uncond=_t(2))

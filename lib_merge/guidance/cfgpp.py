@@ -9,7 +9,8 @@ returns the guided prediction ``D_λ = D_u + λ(D_c − D_u)`` with λ ∈ [0, 1
 * the sampler takes ``cfgpp_state=`` if given, else ``model.cfgpp_state``, and if the model has
   none it attaches a fresh one there (so a denoiser wrapper can always find it as
   ``self.cfgpp_state``);
-* before each model call the sampler clears it; during the call the denoiser stores the uncond
+* before each model call the sampler clears it and says where the step renoises to
+  (``begin(σ, σ_tgt)``, see ``renoise_ratio``); during the call the denoiser stores the uncond
   x0 prediction of that call with ``state.record(d_uncond)`` (image-batch shape, D space). The
   A1111 adapter does it where it sees the uncond rows (``on_cfg_denoised`` / its CFGDenoiser), the
   Forge adapter in its post-CFG function (``args["uncond_denoised"]``, with the CFG-1 optimisation
@@ -34,12 +35,23 @@ class CfgppState:
 
     def __init__(self) -> None:
         self.uncond: torch.Tensor | None = None
+        self.renoise_ratio: float | None = None
 
     def record(self, d_uncond: torch.Tensor) -> None:
         self.uncond = d_uncond
 
     def clear(self) -> None:
         self.uncond = None
+        self.renoise_ratio = None
+
+    def begin(self, sigma: float, sigma_target: float) -> None:
+        """A new model call of a step that renoises from σ to σ_tgt: r = σ_tgt/σ.
+
+        Every first-order CFG++ step is ``x_next = D_λ + r·(x − D_u)``; the stack needs r to put
+        λ on the CFG-scale axis (ω = λ/(1 − r)) where a method is defined on that axis."""
+        self.clear()
+        sigma, sigma_target = float(sigma), float(sigma_target)
+        self.renoise_ratio = sigma_target / sigma if sigma > 0 else 0.0
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """The recorded D_u, checked against the sampler's latent ``like``."""
@@ -86,8 +98,8 @@ def _default_noise(x: torch.Tensor, generator: torch.Generator | None) -> Callab
     return sample
 
 
-def _evaluate(model, x, sigma, extra_args, state: CfgppState):
-    state.clear()
+def _evaluate(model, x, sigma, extra_args, state: CfgppState, sigma_target):
+    state.begin(sigma, sigma_target)
     d_guided = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
     return d_guided, state.take(x)
 
@@ -103,9 +115,9 @@ def _ancestral_loop(model, x, sigmas, extra_args, callback, eta, s_noise, noise_
     noise_sampler = noise_sampler or _default_noise(x, generator)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d_guided, d_uncond = _evaluate(model, x, sigma, extra_args, state)
-        _report(callback, x, i, sigma, d_guided)
         sigma_down, sigma_up = get_ancestral_step(float(sigma), float(sigma_next), eta)
+        d_guided, d_uncond = _evaluate(model, x, sigma, extra_args, state, sigma_down)
+        _report(callback, x, i, sigma, d_guided)
         # x0 estimate from the guided prediction, direction back to noise from the uncond one.
         x = d_guided + (sigma_down / sigma) * (x - d_uncond)
         if sigma_up > 0:
@@ -147,7 +159,8 @@ def sample_dpmpp_2m_cfgpp(model, x, sigmas, extra_args=None, callback=None, disa
     h_prev = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d_guided, d_uncond = _evaluate(model, x, sigma, extra_args, state)
+        # The first-order part renoises by e^{-h} = σ_next/σ; the history term adds no ratio of its own.
+        d_guided, d_uncond = _evaluate(model, x, sigma, extra_args, state, sigma_next)
         _report(callback, x, i, sigma, d_guided)
         if float(sigma_next) == 0:
             # The last step jumps to the guided x0 estimate (e^{-h} = 0).

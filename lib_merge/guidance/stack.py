@@ -11,11 +11,18 @@ inferred from "halves" of a batch. ``combine(...)`` then computes, in D (x0) spa
     D     ← cfg_rescale(D, D̄_c = D_u + Δ, φ, space "v")         if enabled
 
 With SANF the CFG term and the PAG term are fused per element instead of added (SEG stays
-additive). Under CFG++, w is λ and ``cfgpp_state`` receives D_u for the sampler's renoise step.
-When the uncond pass was skipped, each image's D_u is the weight-normalised mean of its
-sub-prompt predictions (with one sub-prompt: D_u = D_c, so the CFG term vanishes); with ``AND``
-weights that do not sum to 1 that differs from running it, so pass ``force_uncond=True`` to
-``plan`` for such prompts.
+additive). Under CFG++, w is λ and ``cfgpp_state`` receives D_u for the sampler's renoise step;
+dynamic thresholding, whose mimic scale lives on the CFG-scale axis, then acts on the step's
+CFG-equivalent prediction (see ``_threshold_cfgpp``).
+
+The uncond pass is decided here and nowhere else (``plan``): it runs when anything reads D_u —
+the CFG term (w ≠ 1), CFG++'s renoise step, dynamic thresholding's mimic target, SANF inside the
+PAG window, ``AND`` weights that do not sum to 1 (``force_uncond``), or the host's own sampler
+(``host_reads_uncond``: A1111's and Forge's *DDIM CFG++* read ``last_noise_uncond``). With
+c ≡ u (untitled) it is skipped, because D_u = D_c exactly; a host reader still gets the real pass
+unless the adapter hands it the cond rows in place of the skipped ones
+(``cond_stands_in_for_uncond``). When skipped, each image's D_u is the weight-normalised mean of
+its sub-prompt predictions (with one sub-prompt: D_u = D_c, so the CFG term vanishes).
 """
 from __future__ import annotations
 
@@ -41,7 +48,9 @@ class StepPlan:
 
     step: int
     roles: tuple[str, ...]
-    cfg_scale: float  # w of the CFG term: λ under CFG++, after the dynthres CFG schedule
+    # w of the CFG term, after the dynthres CFG schedule; under CFG++ it is λ, and with dynthres
+    # also on, the schedule is applied in combine on the CFG-equivalent scale (it needs σ_next).
+    cfg_scale: float
     host_cfg_scale: float
     pag_scale: float = 0.0
     seg_scale: float = 0.0
@@ -88,6 +97,7 @@ class GuidanceStack:
         hires: bool = False,
         cfg_scale: float,
         untitled_same_cond: bool = False,
+        cond_stands_in_for_uncond: bool = True,
     ):
         if int(total_steps) < 1:
             raise BadParameterError(f"total_steps={total_steps!r}: a sampling pass has at least one step")
@@ -96,6 +106,9 @@ class GuidanceStack:
         self.hires = hires
         self.cfg_scale = float(cfg_scale)
         self.same_cond = untitled_same_cond
+        # Whether the host, when we skip its uncond rows, receives the cond rows in their place
+        # (A1111 adapter) rather than nothing (Forge: zeros).
+        self.cond_stands_in_for_uncond = cond_stands_in_for_uncond
 
         def live(on: bool, in_hires: bool) -> bool:
             return on and (in_hires or not hires)
@@ -117,20 +130,29 @@ class GuidanceStack:
         """Whether FreeU patches the decoder at ``step``."""
         return self.freeu_on and self.freeu_window.contains(step, self.total_steps)
 
-    def plan(self, step: int, *, force_uncond: bool = False) -> StepPlan:
-        """Passes and scales of 0-based ``step``; ``force_uncond`` keeps the uncond pass even where it could be skipped."""
+    def plan(self, step: int, *, force_uncond: bool = False, host_reads_uncond: bool = False) -> StepPlan:
+        """Passes and scales of 0-based ``step``.
+
+        ``force_uncond`` keeps the uncond pass even where it could be skipped (``AND`` weights that
+        do not sum to 1); ``host_reads_uncond`` says the host's sampler reads the uncond rows itself.
+        """
+        lam_axis = self.cfgpp_on and self.dynthres is not None
         w = self.settings.cfgpp if self.cfgpp_on else self.cfg_scale
         mimic = 0.0
         if self.dynthres is not None:
-            w, mimic = self.dynthres.scales(w, step, self.total_steps)
+            scheduled, mimic = self.dynthres.scales(w, step, self.total_steps)
+            if not lam_axis:
+                w = scheduled
         pag = self.pag_on and self.pag_window.contains(step, self.total_steps)
         seg = self.seg_on and self.seg_window.contains(step, self.total_steps)
-        # With c ≡ u the uncond pass would repeat the cond pass bit for bit; otherwise it is
-        # only skippable when nothing reads D_u (CFG++ renoises with it, dynthres' mimic uses it).
+        sanf = self.settings.pag_sanf and pag
         if self.same_cond:
-            uncond = False
+            # D_u would repeat D_c bit for bit, so our combine substitutes it exactly; a host
+            # sampler reading the rows needs the real pass only if it would not get the cond rows.
+            uncond = host_reads_uncond and not self.cond_stands_in_for_uncond
         else:
-            uncond = force_uncond or self.cfgpp_on or self.dynthres is not None or w != 1.0
+            stack_reads = force_uncond or self.cfgpp_on or self.dynthres is not None or w != 1.0 or sanf
+            uncond = stack_reads or host_reads_uncond
         roles = ("cond",) + (("uncond",) if uncond else ()) + (("pag",) if pag else ()) + (("seg",) if seg else ())
         return StepPlan(
             step=step,
@@ -139,7 +161,7 @@ class GuidanceStack:
             host_cfg_scale=self.cfg_scale,
             pag_scale=self.settings.pag_scale if pag else 0.0,
             seg_scale=self.settings.seg_scale if seg else 0.0,
-            sanf=self.settings.pag_sanf and pag,
+            sanf=sanf,
             rescale_phi=self.rescale_phi,
             dynthres=self.dynthres,
             mimic_scale=mimic,
@@ -177,13 +199,19 @@ class GuidanceStack:
             d_u = rows.weighted_mean(d_cond)
 
         delta = rows.weighted_sum(d_cond - rows.per_row(d_u))
-        terms = [plan.cfg_scale * delta]
+        keep = None
+        w = plan.cfg_scale
+        if plan.cfgpp and plan.dynthres is not None:
+            keep = self._cfgpp_keep()
+            w = keep * plan.dynthres.scales(w / keep, step, self.total_steps)[0]
+        terms = [w * delta]
         if plan.pag_scale:
             if d_pag is None:
                 raise BadParameterError("plan includes the 'pag' pass but combine() got no d_pag")
             terms.append(plan.pag_scale * rows.weighted_sum(d_cond - d_pag.to(work)))
-        # SANF picks between the CFG and PAG terms; without a real uncond there is no CFG term to pick.
-        if plan.sanf and plan.pag_scale and has_uncond:
+        # SANF picks between the CFG and PAG terms. A D_u the plan skipped equals D_c (c ≡ u), so
+        # the fusion stays exact; one the host skipped (NGMS, skip early CFG) means no CFG term.
+        if plan.sanf and plan.pag_scale and (has_uncond or "uncond" not in plan.roles):
             terms = [sanf_fuse(terms[:2])] + terms[2:]
         if plan.seg_scale:
             if d_seg is None:
@@ -192,8 +220,36 @@ class GuidanceStack:
         guided = d_u + sum(terms[1:], terms[0])
 
         if plan.dynthres is not None:
-            guided = dynamic_threshold(guided, d_u + plan.mimic_scale * delta, plan.dynthres)
+            mimic = d_u + plan.mimic_scale * delta
+            if keep is None:
+                guided = dynamic_threshold(guided, mimic, plan.dynthres)
+            else:
+                guided = _threshold_cfgpp(guided, mimic, d_u, keep, plan.dynthres)
         if plan.rescale_phi:
             guided = cfg_rescale(guided, d_u + delta, plan.rescale_phi, x=x.to(work), sigma=sigma, space=self.rescale_space)
         self.cfgpp_state.record(d_u.to(out_dtype))
         return guided.to(out_dtype)
+
+    def _cfgpp_keep(self) -> float:
+        """1 − r of this call's CFG++ step (r = σ_tgt/σ, said by the sampler before the call)."""
+        ratio = self.cfgpp_state.renoise_ratio
+        if ratio is None:
+            raise BadParameterError(
+                "CFG++ with dynamic thresholding needs the sampler's next σ: use a CFG++ sampler of "
+                "lib_merge.guidance.cfgpp (they call cfgpp_state.begin(σ, σ_next) before each model call)"
+            )
+        # A step that does not move (σ_tgt = σ) has no CFG-equivalent scale; bound it instead:
+        # the mapped-back result then stays at D_u, and x_next = x as the step itself says.
+        return max(1.0 - ratio, 1e-6)
+
+
+def _threshold_cfgpp(guided: torch.Tensor, mimic: torch.Tensor, d_u: torch.Tensor, keep: float, config) -> torch.Tensor:
+    """Dynamic thresholding of a CFG++ step, defined on the CFG-scale axis its mimic scale uses.
+
+    A first-order CFG++ step ``x_next = D_λ + r(x − D_u)`` equals a plain step
+    ``x_next = D + r(x − D)`` with ``D = D_u + (D_λ − D_u)/(1 − r)`` (CFG scale ω = λ/(1 − r),
+    arXiv 2406.08070, derived). So threshold that D against the mimic target, as dynthres does for
+    plain CFG at ω, and map the result back to the CFG++ form ``D_u + (1 − r)(D′ − D_u)``.
+    """
+    equivalent = d_u + (guided - d_u) / keep
+    return d_u + keep * (dynamic_threshold(equivalent, mimic, config) - d_u)
