@@ -163,6 +163,40 @@ def test_dynamic_thresholding_keys():
     assert not settings_after_paste(infotext_line({**extra, "Dynamic thresholding enabled": False})).dynthres_enabled
 
 
+_MCMONKEY_SCHEDULED = {"Dynamic thresholding enabled": True, "Mimic scale": 7, "Mimic mode": "Linear Down",
+                       "Mimic scale minimum": 1, "CFG mode": "Constant", "Threshold percentile": 100}
+
+
+def _schedule_notes(extra: dict) -> list:
+    warnings: list = []
+    paste(infotext_line(extra), warn=warnings.append)
+    return [w for w in warnings if "sd-dynamic-thresholding schedule" in w]
+
+
+def test_dynthres_schedule_on_a_second_order_sampler_is_named_on_paste():
+    notes = _schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "Heun"})
+    assert len(notes) == 1 and "mimic Linear Down" in notes[0] and "Heun" in notes[0]
+    assert "once per model call" in notes[0] and "once per sampler step" in notes[0]
+    # First-order sampler, constant schedules or dynthres off: both schedules agree, nothing to say.
+    assert _schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "Euler a"}) == []
+    assert _schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "DPM2 a", "Mimic mode": "Constant"}) == []
+    assert _schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "Heun", "Dynamic thresholding enabled": False}) == []
+    assert len(_schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "DPM++ 2S a", "Mimic mode": "Constant",
+                                "CFG mode": "Cosine Up"})) == 1
+
+
+def test_dynthres_schedule_note_reads_the_hosts_sampler_flags(monkeypatch):
+    from tests.standins import host
+
+    with host.installed("a1111"):
+        from modules import sd_samplers, sd_samplers_common
+
+        custom = sd_samplers_common.SamplerData("Custom 2nd", None, [], {"second_order": True})
+        monkeypatch.setitem(sd_samplers.all_samplers_map, "Custom 2nd", custom)
+        assert len(_schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "Custom 2nd"})) == 1
+        assert _schedule_notes({**_MCMONKEY_SCHEDULED, "Sampler": "Euler"}) == []
+
+
 def test_unreadable_values_leave_the_method_alone():
     warnings = []
     values = paste(infotext_line({"UG PAG scale": "lots", "FreeU Stages": "[not json"}), warn=warnings.append)

@@ -150,6 +150,24 @@ _DYNTHRES_LEGACY = {
 }
 
 
+# A1111 1.10's samplers flagged "second_order", for a paste outside a host or of a sampler the
+# host lacks.
+_SECOND_ORDER = frozenset({"DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a", "Restart"})
+
+
+def _second_order(name: Optional[str]) -> bool:
+    if not name:
+        return False
+    try:
+        from modules import sd_samplers
+    except ImportError:
+        return name in _SECOND_ORDER
+    config = sd_samplers.find_sampler_config(name)
+    if config is None:
+        return name in _SECOND_ORDER
+    return bool(getattr(config, "options", {}).get("second_order", False))
+
+
 def _legacy_dynthres(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
     """sd-dynamic-thresholding's keys; "Dynamic thresholding enabled" is always written with them."""
     if "Dynamic thresholding enabled" not in params:
@@ -161,6 +179,14 @@ def _legacy_dynthres(params: Mapping[str, str], warn: Warn) -> Optional[dict[str
     except (ValueError, BadParameterError):
         warn("sd-dynamic-thresholding keys have an unreadable value; dynamic thresholding left as it is")
         return UNREADABLE
+    scheduled = [f"{label} {fields[name]}" for label, name in (("mimic", "dynthres_mimic_mode"), ("CFG", "dynthres_cfg_mode"))
+                 if fields[name] != "Constant"]
+    sampler = params.get("Sampler")
+    if fields["dynthres_enabled"] and scheduled and _second_order(sampler):
+        # His schedule position counts model calls (two per step here); ours counts sampler steps.
+        warn(f"sd-dynamic-thresholding schedule ({', '.join(scheduled)}) on the second-order sampler {sampler}: "
+             "it advanced once per model call, we advance once per sampler step, so the scheduled scales "
+             "differ from the original run's")
     return fields
 
 
