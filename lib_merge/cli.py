@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import board_cli
+from .bench.cli import bench_argv, bench_parsers, run_benchmark, run_pass_through
 from .errors import MergeError
 
 ALPHA_NOTE = "alpha is B's share: 0 gives A, 1 gives B"
@@ -111,24 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build small synthetic checkpoints and run example merges (no download)")
     d.add_argument("--dir", default="demo_models", help="folder for the demo models and outputs")
 
-    b = sub.add_parser("bench", help="benchmark merge speed and memory against the I/O floor")
-    b.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
-    b.add_argument("--dir", default="bench_tmp", help="scratch folder (needs ~3× a checkpoint of free space)")
-    b.add_argument("--threads", type=int)
-    b.add_argument("--skip-baseline", action="store_true", help="skip the whole-model load_file baseline")
-    b.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
-    b.add_argument(
-        "--many", metavar="N[,N…]",
-        help="many-model benchmark instead: N full-size synthetic SD1.5 U-Nets (e.g. 4,8,16): dgmla and soup wall time, "
-        "peak RSS, bytes read, soup add vs re-average, and the DGMLA-216 SDXL projection",
-    )
-    b.add_argument("--max-memory", default="3G", help="--many: working-set cap for dgmla (default 3G)")
+    bench_parsers(sub)
     board_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ran = run_pass_through(argv)
+    if ran is not None:
+        return ran
+    args = build_parser().parse_args(bench_argv(argv))
     try:
         if args.command == "merge":
             return _merge(args)
@@ -147,9 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(Path(args.dir))
         if args.command == "bench":
-            from .bench import run_bench
-
-            return run_bench(args)
+            return run_benchmark(args)
         if args.command == "board":
             return board_cli.run(args)
     except MergeError as exc:

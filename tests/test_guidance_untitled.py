@@ -92,7 +92,7 @@ def test_guidance_and_testing_import_without_host_packages():
         "        if name.split('.')[0] in ('gradio', 'modules', 'ldm', 'sgm', 'k_diffusion', 'backend'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import lib_merge.guidance, lib_merge.untitled, lib_merge.testing, lib_merge.guidance.bench\n"
+        "import lib_merge.guidance, lib_merge.untitled, lib_merge.testing, lib_merge.bench.guidance\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'modules'))\n"
         "assert not bad, bad\n"
     )

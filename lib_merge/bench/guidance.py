@@ -1,4 +1,4 @@
-"""Guidance benchmark on the tiny U-Net: ``python -m lib_merge.guidance.bench [--sizes 32x32,48x32]``.
+"""Guidance benchmark on the tiny U-Net: ``python -m lib_merge bench guidance [--sizes 32x32,48x32]``.
 
 For each latent size it prints the U-Net rows and forwards per step and the best time per
 step of CFG, CFG+PAG, CFG+PAG+SEG and untitled+PAG, batched (one forward) and unbatched (one
@@ -23,11 +23,11 @@ import torch
 
 from ..testing import EpsDenoiser, karras_sigmas, make_tiny_unet, random_conditioning
 from ..untitled import zero_like_conditioning
-from .cfgpp import CfgppState, sample_euler_cfgpp
-from .hooks import install_freeu
-from .runner import GuidedDenoiser
-from .settings import GuidanceSettings
-from .stack import GuidanceStack
+from ..guidance.cfgpp import CfgppState, sample_euler_cfgpp
+from ..guidance.hooks import install_freeu
+from ..guidance.runner import GuidedDenoiser
+from ..guidance.settings import GuidanceSettings
+from ..guidance.stack import GuidanceStack
 
 CASES = {
     "CFG": ({}, 7.0, False),
@@ -182,7 +182,7 @@ def _parse_sizes(text: str):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_merge.guidance.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lib_merge bench guidance", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32x32,48x32,64x64", help="latent HxW list (default %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="sampler steps per measurement (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=7, help="repeats of each micro-measurement (default %(default)s)")

@@ -1,6 +1,6 @@
-"""``python -m lib_merge bench --many 4,8,16``: N-model merges on full-size synthetic SD1.5 U-Nets.
+"""``python -m lib_merge bench many 4,8,16``: N-model merges on full-size synthetic SD1.5 U-Nets.
 
-For each N, each contender runs in a fresh interpreter (peak RSS from ``wait4``, as bench.py):
+For each N, each contender runs in a fresh interpreter (peak RSS from ``wait4``, as bench merge):
   dgmla            the streaming engine under --max-memory; wall time, peak RSS, bytes read,
                    the printed working-set bound, and per key the worker thread's CPU seconds
                    (split into DELLA/vote and geometric-median parts, with the update count)
@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import PACKAGE_PARENT
+
 FAMILY = 11
 PUBLISHED = {"ram_tb": 3.5, "hours": 36.2, "threads": 48, "models": 216}
 
@@ -33,7 +35,7 @@ def run_many_bench(args) -> int:
     if not sizes or sizes[0] < 2:
         print("error: --many takes model counts ≥ 2, e.g. 4,8,16", file=sys.stderr)
         return 2
-    folder = Path(args.dir) / "many"
+    folder = Path(args.dir).resolve() / "many"  # the workers start in another folder
     folder.mkdir(parents=True, exist_ok=True)
     top = sizes[-1]
     models = [folder / f"unet_{i:03d}.safetensors" for i in range(top)]
@@ -109,9 +111,9 @@ def _print_row(n, dgmla, soup, add, export, idle, model_size) -> None:
 
 
 def _projection(rows, idle) -> None:
-    from .arch import full_layout, get_arch
-    from .many import format_size
-    from .methods import get_method
+    from ..arch import full_layout, get_arch
+    from ..many import format_size
+    from ..methods import get_method
 
     n, dgmla = rows[-1][0], rows[-1][1]
     per_point = dgmla["work"]  # Σ over keys of (task vectors × elements)
@@ -156,8 +158,8 @@ def _call(kind: str, payload: dict) -> dict:
 
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lib_merge.bench_many", kind, json.dumps(payload)],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=Path(__file__).resolve().parents[1],
+            [sys.executable, "-m", "lib_merge.bench.many", kind, json.dumps(payload)],
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=PACKAGE_PARENT,
         )
         stdout = proc.stdout.read() if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
@@ -176,17 +178,17 @@ def _worker(kind: str, payload: dict) -> dict:
     started = time.perf_counter()
     result: dict = {}
     if kind == "make":
-        from .synthetic import write_synthetic_checkpoint
+        from ..synthetic import write_synthetic_checkpoint
 
         write_synthetic_checkpoint(payload["path"], "sd1", unet_only=True, family=FAMILY, model=payload["model"])
     elif kind == "idle":  # the baseline: what importing torch and lib_merge alone costs
         import torch  # noqa: F401
 
-        from . import engine, soup  # noqa: F401
+        from .. import engine, soup  # noqa: F401
     elif kind in ("dgmla", "soup"):
         result = _merge_worker(kind, payload)
     elif kind == "pot-add":
-        from .soup import Pot
+        from ..soup import Pot
 
         pot_dir = Path(payload["pot"])
         pot = Pot(pot_dir) if (pot_dir / "manifest.json").exists() else Pot.init(pot_dir)
@@ -201,7 +203,7 @@ def _worker(kind: str, payload: dict) -> dict:
         result["written"] = (pot_dir / pot.data["sums"]).stat().st_size
         return result
     elif kind == "pot-export":
-        from .soup import Pot
+        from ..soup import Pot
 
         pot = Pot(payload["pot"])
         pot.export(payload["out"], threads=payload["threads"] or None, hash_output=False)
@@ -213,9 +215,9 @@ def _worker(kind: str, payload: dict) -> dict:
 def _merge_worker(kind: str, payload: dict) -> dict:
     import threading
 
-    from . import engine
-    from .methods import task_vector
-    from .recipe import Recipe
+    from .. import engine
+    from ..methods import task_vector
+    from ..recipe import Recipe
 
     per_key = {"cpu": 0.0, "median_cpu": 0.0, "work": 0, "updates": []}
     lock = threading.Lock()

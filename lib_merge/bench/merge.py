@@ -1,4 +1,4 @@
-"""``python -m lib_merge bench``: merge throughput against the machine's I/O floor, and peak RSS.
+"""``python -m lib_merge bench merge``: merge throughput against the machine's I/O floor, and peak RSS.
 
 Two synthetic fp16 checkpoints with the full-size key names and shapes are written, then each
 contender runs in its own subprocess (so its peak RSS is its own, read from ``wait4``):
@@ -18,18 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from . import PACKAGE_PARENT
+
 ALPHA = 0.5
 
 
 def run_bench(args) -> int:
-    from .synthetic import write_synthetic_checkpoint
+    from ..synthetic import write_synthetic_checkpoint
 
-    if getattr(args, "many", None):
-        from .bench_many import run_many_bench
-
-        return run_many_bench(args)
-
-    folder = Path(args.dir)
+    folder = Path(args.dir).resolve()  # the workers start in another folder
     folder.mkdir(parents=True, exist_ok=True)
     a, b = folder / f"bench_{args.arch}_a.safetensors", folder / f"bench_{args.arch}_b.safetensors"
     t0 = time.perf_counter()
@@ -89,11 +86,11 @@ def _run(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
     log = out.with_name(out.name + ".log")
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lib_merge.bench", kind, str(a), str(b), str(out), *extra],
+            [sys.executable, "-m", "lib_merge.bench.merge", kind, str(a), str(b), str(out), *extra],
             stdout=subprocess.PIPE,
             stderr=err,  # progress bars of the contenders stay out of the table
             text=True,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=PACKAGE_PARENT,
         )
         stdout = proc.stdout.read() if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
@@ -125,15 +122,15 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
                 if kind == "floor":
                     os.fsync(f.fileno())
     elif kind == "ours":
-        from .engine import merge
-        from .recipe import Recipe
+        from ..engine import merge
+        from ..recipe import Recipe
 
         threads = int(extra[0]) or None
         merged = merge(Recipe("weighted_sum", (str(a), str(b)), alpha=ALPHA), out, threads=threads,
                        hash_inputs=False, hash_output=False, durable=extra[1] == "durable", overwrite=True)
         result["bytes_read"] = merged.bytes_read
         result["seconds"] = time.perf_counter() - started
-        from .io.hashing import sha256_file
+        from ..io.hashing import sha256_file
 
         t = time.perf_counter()
         sha256_file(out, use_cache=False)
@@ -151,7 +148,6 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
                 merged[key] = ta
         save_file(merged, str(out))
         _fsync(out)  # same durability as (a) and (b)
-        del torch
     elif kind == "mecha":
         import sd_mecha
 

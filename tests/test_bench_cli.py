@@ -1,0 +1,40 @@
+"""One entry for every benchmark (``lib-merge bench {merge,many,live,guidance}``), earlier
+spellings kept, and runnable from any folder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lib_merge.bench.cli import bench_argv
+from lib_merge.cli import build_parser
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench"], ["bench", "merge"]),
+    (["bench", "--arch", "sdxl"], ["bench", "merge", "--arch", "sdxl"]),
+    (["bench", "--many", "4,8", "--keep"], ["bench", "many", "4,8", "--keep"]),
+    (["bench", "--dir", "x", "--many=4"], ["bench", "many", "4", "--dir", "x"]),
+    (["bench", "many", "4"], ["bench", "many", "4"]),
+    (["merge", "a", "b"], ["merge", "a", "b"]),
+])
+def test_earlier_spellings_map_to_the_sub_commands(argv, expected):
+    assert bench_argv(argv) == expected
+
+
+def test_parsed_options_reach_each_benchmark():
+    args = build_parser().parse_args(bench_argv(["bench", "--many", "4,8", "--max-memory", "2G", "--dir", "d"]))
+    assert (args.bench, args.many, args.max_memory, args.dir) == ("many", "4,8", "2G", "d")
+    args = build_parser().parse_args(bench_argv(["bench", "--arch", "sdxl", "--skip-baseline"]))
+    assert (args.bench, args.arch, args.skip_baseline, args.dir) == ("merge", "sdxl", True, "bench_tmp")
+
+
+def test_guidance_benchmark_runs_from_another_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lib_merge", "bench", "guidance", "--sizes", "8x8", "--steps", "1", "--repeats", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("PAG", "SEG", "CFG++", "FreeU"):
+        assert method in proc.stdout
