@@ -154,7 +154,10 @@ def execute(
                 f"{out_path}: an interrupted merge of this output can be continued — add --resume; "
                 f"or pass --overwrite (or delete {stale.name}) to start over"
             )
-        stale.unlink()
+        try:
+            stale.unlink()
+        except OSError as exc:
+            raise OutputPathError(f"{stale}: cannot remove the old resume file ({exc.strerror}); delete it by hand") from None
     log: Journal | None = None
     done: set[str] = set()
     if use_journal:
@@ -176,7 +179,14 @@ def execute(
         if not writer.resumed:
             done = set()  # no usable partial file: everything is redone
         writer.mark_written(done)
-        log.open(keep=resume and writer.resumed)
+        try:
+            log.open(keep=resume and writer.resumed)
+        except BaseException:
+            if writer.resumed:
+                writer.keep_partial()  # the earlier resume file still describes it
+            else:
+                writer.abort()  # no resume file, so nothing could continue the partial output
+            raise
     total = sum(j.nbytes_out for j in plan.jobs)
     counters = _Counters()
     counters.written = sum(j.nbytes_out for j in plan.jobs if j.key in done)

@@ -14,6 +14,7 @@ swapped input when hashing is off.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import ResumeError
+from .errors import OutputPathError, ResumeError
 
 FORMAT = "lib_merge-resume"
 VERSION = 1
@@ -106,16 +107,22 @@ class Journal:
 
     def open(self, *, keep: bool) -> None:
         """Start the file (or, resuming, append to it)."""
-        if keep:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.header) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            if not keep:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(self.header) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # best effort: the first error is the one to report
+                tmp.unlink()
+            raise OutputPathError(
+                f"{self.path}: cannot write the resume file ({exc.strerror or exc}); free space or choose a "
+                "writable folder, or pass --resume-file off"
+            ) from None
 
     # -- recording -----------------------------------------------------------------------------
     def record(self, key: str) -> None:
@@ -133,17 +140,24 @@ class Journal:
         if not keys or self._fd < 0:
             return
         sync_data()
-        os.write(self._fd, (json.dumps({"done": keys}) + "\n").encode("utf-8"))
-        os.fsync(self._fd)
+        try:
+            os.write(self._fd, (json.dumps({"done": keys}) + "\n").encode("utf-8"))
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputPathError(
+                f"{self.path}: cannot update the resume file ({exc.strerror or exc}); free space in "
+                f"{self.path.parent}, or pass --resume-file off"
+            ) from None
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            with contextlib.suppress(OSError):  # called on the way out of a failure, too
+                os.close(self._fd)
             self._fd = -1
 
     def remove(self) -> None:
+        """After a finished merge: its output is complete, so a resume file that cannot be removed
+        is left (the next merge to this name asks for --overwrite) rather than failing the merge."""
         self.close()
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass

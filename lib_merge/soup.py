@@ -22,6 +22,7 @@ pot is 8 bytes per parameter (4× an fp16 model), and each change reads and rewr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from .arch import detect_architecture, key_kind
-from .errors import ArchitectureMismatchError, CorruptPotError, MergeError, NonFiniteError, SoupError
+from .errors import ArchitectureMismatchError, CorruptPotError, MergeError, NonFiniteError, OutputPathError, SoupError
 from .io.dtypes import CODE_TO_TORCH, output_dtype
 from .io.hashing import sha256_file
 from .io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
@@ -97,11 +98,16 @@ class Pot:
     def _commit(self, data: dict[str, Any]) -> None:
         data["manifest_crc32"] = _crc_manifest(data)
         tmp = self.folder / (MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / MANIFEST)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / MANIFEST)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # best effort; the first error is the one to report
+                tmp.unlink()
+            raise _pot_write_error(self.folder, exc) from None
         _fsync_dir(self.folder)
         self.data = data
 
@@ -124,7 +130,10 @@ class Pot:
         root = Path(folder)
         if (root / MANIFEST).exists():
             raise SoupError(f"{root}: already a soup pot; use `soup show {root}`")
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _pot_write_error(root, exc) from None
         data: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "arch": None, "inpainting": None, "layout": None,
             "base": None, "ingredients": [], "generation": 0, "sums": None, "checksums": {},
@@ -279,9 +288,11 @@ class Pot:
             old.close()
         previous = self.data.get("sums")
         self._commit(data)
-        if previous and previous != data["sums"]:
-            (self.folder / previous).unlink(missing_ok=True)
-        self._sweep()
+        # Committed: leftovers that cannot be removed now are swept by the next change.
+        with contextlib.suppress(OSError):
+            if previous and previous != data["sums"]:
+                (self.folder / previous).unlink(missing_ok=True)
+            self._sweep()
 
     def _check_compatible(self, reader: CheckpointReader, data: dict[str, Any]) -> None:
         info = detect_architecture(reader.shapes(), reader.metadata, source=str(reader.path))
@@ -438,11 +449,24 @@ class Pot:
         return out_path, digest
 
 
+def _pot_write_error(folder: Path, exc: OSError) -> MergeError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "not enough disk space; free space"
+    elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        reason = f"cannot write there ({exc.strerror}); keep the pot in a writable folder"
+    else:
+        reason = f"write failed ({exc.strerror or exc})"
+    return OutputPathError(f"{folder}: {reason} — the pot was not changed")
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """One change at a time per pot (an advisory lock; where fcntl is missing, e.g. on Windows,
     keeping to one writer is up to the user)."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _pot_write_error(folder, exc) from None
     try:
         try:
             import fcntl

@@ -345,6 +345,70 @@ def test_nan_copied_at_alpha_zero_on_the_command_line(models, out_dir, capsys):
     assert leftovers(out_dir, out.name) == []
 
 
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` behaves as a read-only mount: creating, writing or removing anything in it fails
+    with EROFS (the unlink of a file that does not exist included, as Linux does)."""
+    import errno
+    import os
+
+    real_open, real_unlink = os.open, Path.unlink
+
+    def inside(path) -> bool:
+        return Path(path).resolve().is_relative_to(folder.resolve())
+
+    def ro_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def ro_unlink(self, missing_ok=False):
+        if inside(self):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    monkeypatch.setattr(Path, "unlink", ro_unlink)
+
+
+def test_read_only_output_filesystem_is_one_error_line(models, out_dir, capsys, monkeypatch):
+    _read_only(monkeypatch, out_dir)
+    out = out_dir / "x.safetensors"
+    for extra in ((), ("--resume-file", "on")):
+        line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), *extra)
+        assert str(out) in line and "Read-only file system" in line and "writable folder" in line
+    monkeypatch.undo()
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unwritable_resume_file_leaves_nothing(models, out_dir, capsys, monkeypatch):
+    """The output's temp file could be made but its resume file not: one line, and the temp
+    file is not left behind (nothing could continue it)."""
+    import builtins
+    import errno
+    import os
+
+    real_open = os.open
+
+    def no_resume(path, flags, *args, **kwargs):
+        if str(path).endswith(".resume"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_resume_tmp(path, *args, **kwargs):  # the resume file's first version is written as .resume.tmp
+        if ".resume" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_builtin_open(path, *args, **kwargs)
+
+    real_builtin_open = builtins.open
+    monkeypatch.setattr(os, "open", no_resume)
+    monkeypatch.setattr(builtins, "open", no_resume_tmp)
+    out = out_dir / "x.safetensors"
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--resume-file", "on")
+    assert "resume file" in line and "--resume-file off" in line
+    monkeypatch.undo()
+    assert list(out_dir.iterdir()) == []
+
+
 def test_warnings_go_to_stderr_without_failing(models, out_dir, capsys):
     missing = "model.diffusion_model.output_blocks.4.1.proj_out.weight"
     b = models.derive(models.sd1_b, "b_missing.safetensors", drop=[missing])

@@ -325,6 +325,98 @@ def test_read_only_folder_simulated(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _erofs(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+@pytest.mark.parametrize("where", ["open", "fallocate"])
+def test_read_only_filesystem_is_one_clear_error(tmp_path, monkeypatch, where):
+    """On a read-only mount every call that would change it fails with EROFS — the cleanup's
+    unlink of the never-made temp file included; that must not replace the first error."""
+    real_open = os.open
+
+    def ro_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    if where == "open":
+        monkeypatch.setattr(os, "open", ro_open)
+    elif hasattr(os, "posix_fallocate"):
+        monkeypatch.setattr(os, "posix_fallocate", _erofs)
+        monkeypatch.setattr(os, "ftruncate", _erofs)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: _erofs())
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(OutputPathError) as err:
+        SafetensorsWriter(path, [("a", (3,), torch.float32)])
+    message = str(err.value)
+    assert "choose a writable folder" in message and str(path) in message and "\n" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_failing_rename_and_close_are_clear_errors(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    writer = SafetensorsWriter(path, [("a", (3,), torch.float32)])
+    writer.write("a", torch.ones(3))
+    monkeypatch.setattr(os, "replace", _erofs)
+    with pytest.raises(OutputPathError, match="writable folder"):
+        writer.finish()
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    writer = SafetensorsWriter(path, [("a", (3,), torch.float32)], durable=False)
+    writer.write("a", torch.ones(3))
+    real_close = os.close
+
+    def close_fails(fd):  # NFS reports a failed write-back at close
+        real_close(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "close", close_fails)
+    with pytest.raises(OutputPathError, match="write failed"):
+        writer.finish()
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _flip_dtype(tmp: Path) -> None:
+    """Same length, same keys, same size: only a byte-exact header check sees it."""
+    raw = bytearray(tmp.read_bytes())
+    at = raw.index(b'"F32"')
+    raw[at:at + 5] = b'"I32"'
+    tmp.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header", "flip_dtype"])
+def test_temp_file_damaged_before_the_rename_is_refused(tmp_path, monkeypatch, damage):
+    """The temp file is read back after it is closed and before it is renamed: damage done in
+    between (a failing disk, another process) must stop the merge with no file under the name."""
+    path = tmp_path / "x.safetensors"
+    writer = SafetensorsWriter(path, [("a", (64,), torch.float32), ("b", (8,), torch.float32)], {"k": "v"})
+    writer.write("a", torch.arange(64.0))
+    writer.write("b", torch.ones(8))
+    tmp, fd = writer.tmp_path, writer._fd
+    real_close = os.close
+
+    def close_then_damage(target):
+        real_close(target)
+        if target == fd:
+            if damage == "truncate":
+                os.truncate(tmp, tmp.stat().st_size - 16)
+            elif damage == "garbage_header":
+                with open(tmp, "r+b") as f:
+                    f.seek(8)
+                    f.write(b"#garbage")
+            else:
+                _flip_dtype(tmp)
+
+    monkeypatch.setattr(os, "close", close_then_damage)
+    with pytest.raises(CorruptFileError) as err:
+        writer.finish()
+    monkeypatch.undo()
+    assert str(path) in str(err.value) and "no file was written" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permission bits")
 def test_read_only_folder(tmp_path):
     folder = tmp_path / "ro"

@@ -233,3 +233,32 @@ def test_non_finite_copied_key_is_refused(models, tmp_path):
     with pytest.raises(NonFiniteError, match="alphas_cumprod"):
         Pot.init(tmp_path / "based", base=bad)
     assert not (tmp_path / "based" / "manifest.json").exists()
+
+
+def test_read_only_pot_is_one_clear_error(models, tmp_path, monkeypatch, capsys):
+    import errno
+
+    folder = tmp_path / "pot"
+    Pot.init(folder)
+    before = snapshot(folder)
+    real_open, real_unlink = os.open, Path.unlink
+
+    def ro_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def ro_unlink(self, missing_ok=False):
+        if str(self).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    monkeypatch.setattr(Path, "unlink", ro_unlink)
+    code = main(["soup", "add", str(folder), str(models[0])])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert str(folder) in lines[0] and "Read-only file system" in lines[0]
+    assert snapshot(folder) == before

@@ -199,10 +199,19 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             raise _disk_error(exc, self.path, self.total_size) from None
-        os.close(self._fd)
+        try:
+            os.close(self._fd)
+        except OSError as exc:  # NFS and some FUSE mounts report a failed write-back only here
+            self._fd = -1
+            self.abort()
+            raise _disk_error(exc, self.path, self.total_size) from None
         self._fd = -1
         self._verify()
-        os.replace(self.tmp_path, self.path)
+        try:
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(exc, self.path, self.total_size) from None
         if self.durable:
             _fsync_dir(self.path.parent)
         return self.path
@@ -211,17 +220,28 @@ class SafetensorsWriter:
         from .reader import SafetensorsReader
 
         try:
+            with open(self.tmp_path, "rb") as f:
+                header = f.read(len(self._header))
+            if header != self._header:  # byte-exact: a flipped dtype or shape still parses
+                raise CorruptFileError("its header differs from the one written")
             with SafetensorsReader(self.tmp_path) as check:
                 if set(check.infos) != set(self.tensors) or check.file_size != self.total_size:
-                    raise CorruptFileError(f"{self.tmp_path}: written file does not match its plan")
-        except CorruptFileError:
+                    raise CorruptFileError(f"{check.file_size} bytes, {len(check.infos)} keys; planned "
+                                           f"{self.total_size} bytes, {len(self.tensors)} keys")
+        except (CorruptFileError, OSError) as exc:
             self.abort()
-            raise
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise CorruptFileError(
+                f"{self.path}: the written file did not read back as planned ({reason}); the disk or "
+                "filesystem may be failing — no file was written"
+            ) from None
 
     def abort(self) -> None:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        """Best effort: runs while another error is on its way up, which must stay the one
+        reported (a read-only folder refuses even the unlink of a file that was never made)."""
         if self._fd >= 0:
             try:
                 os.close(self._fd)
@@ -230,7 +250,7 @@ class SafetensorsWriter:
             self._fd = -1
         try:
             self.tmp_path.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
 
     def keep_partial(self) -> None:
@@ -240,7 +260,10 @@ class SafetensorsWriter:
                 os.fsync(self._fd)
             except OSError:
                 pass
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass  # called on the way out of a failure: that failure is the one to report
             self._fd = -1
 
     def __enter__(self) -> "SafetensorsWriter":
