@@ -6,7 +6,7 @@ the ``a1111`` / ``forge`` adapters, X/Y/Z axes in ``xyz_guidance``).
 
 API: ``"alwayson_scripts": {"untitled guidance": {"args": [{"untitled": "empty", "pag_scale": 3}]}}``
 (one dict by name) or the positional list in the UI's order. Unknown names or bad values fail the
-request with a message naming them.
+request with a message naming them, before the prompts are encoded (``guidance_args.fail_before_sampling``).
 """
 import gradio as gr
 
@@ -66,6 +66,7 @@ class UntitledGuidanceScript(scripts.Script):
         if error is not None:
             guidance_infotext.write_infotext(p.extra_generation_params, guidance_controls.settings_from_controls({}))
             print(f"[{guidance_log.TITLE}] {error}")
+            guidance_args.fail_before_sampling(p, error)
             return
         guidance_infotext.write_infotext(p.extra_generation_params, settings)
 

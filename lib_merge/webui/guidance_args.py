@@ -62,3 +62,43 @@ def controls_from_args(args: Sequence[Any]) -> dict[str, Any]:
 def settings_from_args(args: Sequence[Any]) -> GuidanceSettings:
     """``GuidanceSettings`` from script args (dict or positional); ``BadParameterError`` on bad input."""
     return settings_from_controls(controls_from_args(args))
+
+
+def api_error(err: BadParameterError) -> BadParameterError:
+    """``err`` as an exception the host API answers without a traceback.
+
+    Both hosts' API middleware prints a traceback for any exception except fastapi's
+    ``HTTPException`` (its "known" errors) and answers ``{"error": type name, "errors": str(e)}``
+    with the exception's ``status_code``, so the copy is both, keeps the type name and status 500
+    the API has always answered, and prints as the bare message.
+    """
+    try:
+        from fastapi.exceptions import HTTPException
+    except ImportError:  # outside a host: the plain error
+        return err
+
+    class _ApiBadParameter(BadParameterError, HTTPException):
+        def __str__(self) -> str:
+            return self.detail
+
+    _ApiBadParameter.__name__ = _ApiBadParameter.__qualname__ = "BadParameterError"
+    out = _ApiBadParameter(str(err))
+    HTTPException.__init__(out, status_code=500, detail=str(err))
+    return out
+
+
+def fail_before_sampling(p, err: BadParameterError) -> None:
+    """Make this generation stop with ``err`` right after the scripts' ``process`` hook.
+
+    Both hosts' ScriptRunner catches every exception a script hook raises (it prints a traceback
+    and the image is made anyway), so ``process`` cannot fail the request itself. ``p.init`` is
+    the call process_images_inner makes right after ``process``, outside the runner, before the
+    prompts are encoded (A1111 1.10 and Forge alike); an instance attribute replaces it for this
+    ``p`` only (X/Y/Z runs ``process`` again on each cell's copy).
+    """
+    failure = api_error(err)
+
+    def init(*_args, **_kwargs):
+        raise failure
+
+    p.init = init

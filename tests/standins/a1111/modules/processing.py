@@ -53,6 +53,9 @@ class StableDiffusionProcessing:
     def sd_model(self):
         return shared.sd_model
 
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        pass
+
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * self.batch_size
         self.all_negative_prompts = [self.negative_prompt] * self.batch_size
@@ -114,6 +117,7 @@ def process_images(p) -> Processed:
     p.setup_prompts()
     if p.scripts is not None:
         p.scripts.process(p)
+    p.init(p.all_prompts, p.all_seeds, p.all_seeds)  # the next call after process(), outside the runner
     p.prompts, p.negative_prompts, p.seeds = p.all_prompts, p.all_negative_prompts, p.all_seeds
     p.rng = ImageRNG((4, p.height // 8, p.width // 8), p.seeds)
     p.setup_conds()

@@ -41,6 +41,7 @@ def process_images(p) -> Processed:
     p.setup_prompts()
     if p.scripts is not None:
         p.scripts.process(p)
+    p.init(p.all_prompts, p.all_seeds, p.all_seeds)  # the next call after process(), outside the runner
     model = p.sd_model
     model.forge_objects = model.forge_objects_original.shallow_copy()
     p.prompts, p.negative_prompts, p.seeds = p.all_prompts, p.all_negative_prompts, p.all_seeds

@@ -1,17 +1,15 @@
 """modules/api/api.py: ``init_script_args`` for alwayson scripts and the middleware's
 ``handle_exception`` (any exception from the request becomes a JSON error, status 500 unless the
-exception carries one)."""
-from modules import processing
+exception carries one; a traceback is printed for every exception but fastapi's HTTPException)."""
+from fastapi.exceptions import HTTPException
 
-
-class HTTPException(Exception):
-    def __init__(self, status_code, detail=""):
-        super().__init__(detail)
-        self.status_code, self.detail = status_code, detail
+from modules import errors, processing
 
 
 def handle_exception(e):
     err = {"error": type(e).__name__, "detail": vars(e).get("detail", ""), "body": vars(e).get("body", ""), "errors": str(e)}
+    if not isinstance(e, HTTPException):  # do not print backtrace on known httpexceptions
+        errors.report(f"API error: POST: /sdapi/v1/txt2img {err}", exc_info=True)
     return vars(e).get("status_code", 500), err
 
 
@@ -20,7 +18,7 @@ def init_script_args(request_alwayson, default_script_args, script_runner):
     for name, entry in (request_alwayson or {}).items():
         script = next((s for s in script_runner.scripts if s.title().lower() == name), None)
         if script is None:
-            raise HTTPException(422, f"always on script {name} not found")
+            raise HTTPException(status_code=422, detail=f"always on script {name} not found")
         if "args" in entry:
             for idx in range(0, min(script.args_to - script.args_from, len(entry["args"]))):
                 script_args[script.args_from + idx] = entry["args"][idx]
