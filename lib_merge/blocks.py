@@ -70,11 +70,23 @@ def _expected_counts(spec: ArchSpec) -> str:
     return f"{full} (BASE first) or {full - 1} (without BASE) numbers"
 
 
+def _name_ranges(spec: ArchSpec) -> str:
+    """The valid block names in a few words: 'BASE, IN00-IN11, M00, OUT00-OUT11'."""
+    groups: List[List[str]] = []
+    for name in spec.blocks:
+        if groups and groups[-1][0].rstrip("0123456789") == name.rstrip("0123456789"):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return ", ".join(g[0] if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups)
+
+
 def _error(spec: ArchSpec, problem: str) -> BadBlockWeightsError:
+    # The bad token first; then the rules in one short sentence (a list of every block name
+    # made a 600-character error line).
     return BadBlockWeightsError(
-        f"{problem}. {spec.label} block weights are {_expected_counts(spec)}, NAME=value "
-        f"overrides with NAME one of {', '.join(spec.blocks)} (ranges like IN04-IN06=0.3 and "
-        "wildcards like OUT*=1 work), or a preset name, see `python -m lib_merge methods`"
+        f"{problem}. {spec.label} block weights are {_expected_counts(spec)}, NAME=value overrides "
+        f"with NAME in {_name_ranges(spec)} (also IN04-IN06=0.3, OUT*=1), or a preset (`python -m lib_merge methods`)"
     )
 
 

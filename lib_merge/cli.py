@@ -1,7 +1,7 @@
 """Command line: ``python -m lib_merge merge | soup | inspect | methods | demo | bench``.
 
 Every failure the user can fix prints one line ``error: …`` naming the file/key and the fix, and
-exits with status 2; no traceback.
+exits with status 2 (130 after Ctrl-C, the shell's convention for SIGINT); no traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Sequence
 
 from . import board_cli
 from .bench.cli import bench_argv, bench_parsers, run_benchmark, run_pass_through
-from .errors import MergeError
+from .errors import MergeCancelled, MergeError
 
 ALPHA_NOTE = "alpha is B's share: 0 gives A, 1 gives B"
 
@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_benchmark(args)
         if args.command == "board":
             return board_cli.run(args)
+    except (MergeCancelled, KeyboardInterrupt) as exc:  # Ctrl-C: the shell's 128 + SIGINT
+        print(f"error: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -274,8 +277,10 @@ def _merge(args: argparse.Namespace) -> int:
 def _soup(args: argparse.Namespace) -> int:
     from .soup import Pot
 
+    from .engine import cap_threads
+
     command = args.soup_command
-    threads = getattr(args, "threads", None)
+    threads = cap_threads(getattr(args, "threads", None), lambda msg: print(f"note: {msg}", file=sys.stderr))
     if command == "init":
         pot = Pot.init(args.pot, base=args.base)
         print(pot.describe())

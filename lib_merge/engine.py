@@ -64,6 +64,20 @@ def default_threads() -> int:
     return max(2, min(4, (os.cpu_count() or 2) + 1))
 
 
+def cap_threads(threads: int | None, warn: Callable[[str], None] | None = None) -> int | None:
+    """At most 4 threads per core (at least 8): beyond that more threads only add memory
+    (each holds a key) and contention. The note says what was used instead."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    cap = max(8, 4 * cores)
+    if threads <= cap:
+        return threads
+    if warn:
+        warn(f"threads={threads} is more than this machine can use ({cores} cores); using {cap}")
+    return cap
+
+
 def merge(
     recipe: Recipe,
     output: str | os.PathLike[str],
@@ -131,7 +145,7 @@ def execute(
     # The caller's event only ever tells us to stop; a failure inside stops the run through our
     # own flag, so a UI that reuses its Event does not see its next merge "cancelled".
     cancel = _StopFlag(cancel)
-    threads = threads or default_threads()
+    threads = cap_threads(threads, warn) or default_threads()
     memory = plan_memory(plan, threads, parse_size(max_memory))
     if on_plan:
         on_plan(memory.describe(plan))

@@ -3,6 +3,7 @@ read, with all problems reported at once; then one job per output key (merge, co
 with its block and resolved parameters)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -202,6 +203,9 @@ def method_params(method: MethodSpec, recipe: Recipe) -> dict[str, Any]:
     for name, value in (("alpha", recipe.alpha), ("beta", recipe.beta)):
         if value is not None:
             params[name] = method.param(name).coerce(value, method.name)
+            if isinstance(params[name], float) and not math.isfinite(params[name]):
+                # caught here, before it becomes the default of every block and is reported as one
+                raise BadParameterError(f"{name}={value!r} is not a finite number; give a ratio such as 0.5")
     if recipe.weights is not None and "alpha" not in method.block_params:
         raise BadParameterError(f"method {method.name} has no per-block ratio; drop --weights")
     if recipe.beta_weights is not None and "beta" not in method.block_params:

@@ -195,10 +195,10 @@ def test_wrong_count_message() -> None:
     message = _error("0,1,0.5", SD1)
     assert "'0,1,0.5'" in message and "got 3 numbers" in message
     assert "26 (BASE first) or 25 (without BASE)" in message
-    assert ", ".join(SD1.blocks) in message
+    assert "BASE, IN00-IN11, M00, OUT00-OUT11" in message  # the valid names as ranges (issue 9)
     xl = _error([0.1] * 21, SDXL)
     assert "got 21 numbers" in xl and "20 (BASE first) or 19" in xl and "26 or 25" in xl
-    assert ", ".join(SDXL.blocks) in xl
+    assert "BASE, IN00-IN08, M00, OUT00-OUT08" in xl
 
 
 def test_twenty_values_are_not_sd1() -> None:

@@ -26,11 +26,11 @@ def run_ok(capsys, *argv: str) -> str:
     return captured.out
 
 
-def run_error(capsys, *argv: str) -> str:
-    """Exit status 2 and exactly one line on stderr, ``error: …``; returns that line."""
-    code = main(list(argv))
+def run_error(capsys, *argv: str, code: int = 2) -> str:
+    """Exit status 2 (or ``code``) and exactly one line on stderr, ``error: …``; returns that line."""
+    got = main(list(argv))
     captured = capsys.readouterr()
-    assert code == 2, (code, captured.out, captured.err)
+    assert got == code, (got, captured.out, captured.err)
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: "), lines[0]
@@ -443,7 +443,8 @@ def test_ctrl_c_during_merge_leaves_no_file(models, out_dir, capsys, monkeypatch
     monkeypatch.setattr(cli, "_progress_bar", InterruptingBar)
     before = signal.getsignal(signal.SIGINT)
     out = out_dir / "o.safetensors"
-    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--threads", "2")
+    # exit status 130 (128 + SIGINT), not 2: issue 9 changed it deliberately
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--threads", "2", code=130)
     assert "cancelled" in line or "interrupted" in line
     assert str(out) in line
     assert leftovers(out_dir, out.name) == []
@@ -461,3 +462,62 @@ def test_output_must_be_safetensors(models, out_dir, capsys):
     line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out))
     assert ".safetensors" in line and str(out) in line
     assert not out.exists()
+
+
+def test_keyboard_interrupt_anywhere_exits_130(models, capsys, monkeypatch):
+    import lib_merge.inspect as inspect_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_module, "inspect_models", interrupted)
+    assert run_error(capsys, "inspect", str(models.sd1_a), code=130) == "error: interrupted"
+
+
+def test_non_finite_alpha_names_alpha(models, out_dir, capsys):
+    for flag in ("--alpha", "--beta"):
+        line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), str(models.sd1_c),
+                         "--method", "triple_sum", "-o", str(out_dir / "o.safetensors"), flag, "nan")
+        assert f"{flag[2:]}=nan is not a finite number" in line and "base" not in line
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "o.safetensors"),
+                     "--alpha", "inf")
+    assert "alpha=inf is not a finite number" in line
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("weights,token", [("IN99=1", "'IN99'"), ("0.1,0.2,0.3", "got 3 numbers"), ("GRAD_X", "'GRAD_X'")])
+def test_block_weight_errors_are_short(models, out_dir, capsys, weights, token):
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "o.safetensors"),
+                     "--weights", weights)
+    assert token in line and "BASE, IN00-IN11, M00, OUT00-OUT11" in line
+    assert len(line) < 300, len(line)
+
+
+def test_directory_as_input_says_so(models, out_dir, capsys):
+    folder = models.dir / "sub.safetensors"
+    folder.mkdir()
+    for path in (models.dir, folder):
+        line = run_error(capsys, "merge", str(path), str(models.sd1_b), "-o", str(out_dir / "o.safetensors"))
+        assert f"{path}: is a directory" in line and "unknown checkpoint type" not in line
+
+
+def test_too_many_threads_are_capped_with_a_note(models, out_dir, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    out = out_dir / "o.safetensors"
+    code = main(["merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--threads", "1000", "--no-hash"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.err.splitlines() if "threads=1000" in line]
+    assert len(notes) == 1 and "2 cores" in notes[0] and "using 8" in notes[0]
+    assert re.search(r"^plan: .*, 8 threads", captured.out, re.M), captured.out
+    assert torch.equal(load_tensors(out)[CONV_IN_KEY], _merged_conv_in(models))
+
+
+CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def _merged_conv_in(models) -> torch.Tensor:
+    a, b = load_tensors(models.sd1_a)[CONV_IN_KEY].float(), load_tensors(models.sd1_b)[CONV_IN_KEY].float()
+    return torch.lerp(a, b, 0.5).half()

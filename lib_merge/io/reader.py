@@ -238,6 +238,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
     restricted unpickler (no code from the file ever runs)."""
     p = Path(path)
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise CorruptFileError(f"{p}: is a directory, not a checkpoint file; name a .safetensors (or .ckpt) file in it")
     if suffix in PICKLE_SUFFIXES:
         from .safe_pickle import load_pickled_state_dict
 
