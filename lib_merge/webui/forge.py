@@ -6,8 +6,9 @@ the U-Net patcher: in ``process_before_every_sampling`` we clone
 ``forge_objects`` before each sampling, so the clone lives for one pass; with hires fix the hook
 runs three times per image and the middle result is discarded, so patching is idempotent):
 
-* ``set_model_sampler_pre_cfg_function``: drops the uncond when the plan does not need it (c ≡ u
-  or CFG 1), and reads the step's cond list;
+* ``set_model_sampler_pre_cfg_function``: drops the uncond when the plan says nothing reads it
+  (``GuidanceStack.plan``: c ≡ u, or CFG 1 with no CFG++, dynthres, SANF or host DDIM CFG++), and
+  reads the step's cond list;
 * ``set_model_unet_function_wrapper``: appends copies of the cond chunk for PAG / SEG to the very
   forward Forge runs, so ``[c, u?, c_pag?, c_seg?]`` is **one** batched forward when the step has a
   single cond entry without area/mask/ControlNet and memory allows; otherwise the post-CFG function
@@ -83,6 +84,9 @@ _CELLS: dict[str, _Cell] = {}
 
 class ForgePass(GuidedPass):
     """Forge: the combine happens in our post-CFG function; Forge runs the forward itself."""
+
+    # Our pre-CFG function drops Forge's uncond outright: its sampler then sees zeros, not the cond.
+    cond_stands_in_for_uncond = False
 
     def __init__(self, denoiser, settings, *, hires, untitled=None, cfg_scale=None, model_channels=None,
                  pag_keys=(), seg_keys=(), error=None):

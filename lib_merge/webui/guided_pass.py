@@ -68,6 +68,10 @@ class GuidedPass:
     Subclasses run the call (``_run``) and install per-step model hooks.
     """
 
+    # Whether the host gets the cond rows back in place of uncond rows the plan skips (A1111's
+    # inner-model wrapper does that); a subclass whose host then sees no uncond says False.
+    cond_stands_in_for_uncond = True
+
     def __init__(self, denoiser, settings: GuidanceSettings, *, hires: bool, untitled: Optional[Untitled] = None,
                  cfg_scale: Optional[float] = None, error: Optional[BaseException] = None):
         self.denoiser = denoiser
@@ -100,7 +104,8 @@ class GuidedPass:
     def make_stack(self, cond_scale: float) -> GuidanceStack:
         scale = self.cfg_scale if self.cfg_scale is not None else cond_scale * float(getattr(self.denoiser, "cond_scale_miltiplier", 1.0))
         same = self.untitled.same_cond() if self.untitled is not None else False
-        stack = GuidanceStack(self.settings, self.total_steps(), hires=self.hires, cfg_scale=scale, untitled_same_cond=same)
+        stack = GuidanceStack(self.settings, self.total_steps(), hires=self.hires, cfg_scale=scale, untitled_same_cond=same,
+                              cond_stands_in_for_uncond=self.cond_stands_in_for_uncond)
         # A CFG++ sampler attached its state to the denoiser before the first call; feed that one.
         state = self.denoiser.__dict__.get("cfgpp_state")
         if state is not None:
@@ -138,10 +143,13 @@ class GuidedPass:
                 a["cond"], a["uncond"] = cond, uncond
         if self.stack is None:
             self.stack = self.make_stack(float(a.get("cond_scale", 1.0)))
+        elif self.untitled is not None:
+            # A refiner switch changes the model, and with it whether c ≡ u (aesthetic score).
+            self.stack.same_cond = self.untitled.same_cond()
         step = self.step_index()
         layout = conds_layout(a["cond"]) if hasattr(a.get("cond"), "batch") else None
         force = bool(layout) and any(abs(sum(w for _, w in entry) - 1.0) > 1e-6 for entry in layout)
-        plan = self.stack.plan(step, force_uncond=force)
+        plan = self.stack.plan(step, force_uncond=force, host_reads_uncond=self.host_reads_uncond())
         x, sigma = a["x"], a["sigma"]
         n_cond, conds_list = self.row_layout(layout, x.shape[0])
         ctx = StepContext(plan, step, n_cond, x.shape[0], conds_list, x, sigma)
@@ -157,6 +165,11 @@ class GuidedPass:
             self.steps_seen += 1
             self.rows_per_step.append(ctx.rows_run)
             self.forwards_per_step.append(ctx.forwards)
+
+    def host_reads_uncond(self) -> bool:
+        """Whether the host's sampler reads the uncond rows itself: both hosts' *DDIM CFG++* set
+        ``need_last_noise_uncond`` on this denoiser before its first call and renoise with them."""
+        return bool(getattr(self.denoiser, "need_last_noise_uncond", False))
 
     def install_step_hooks(self, ctx: StepContext) -> list:
         return []

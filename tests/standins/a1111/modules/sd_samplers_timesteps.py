@@ -1,5 +1,7 @@
 """modules/sd_samplers_timesteps.py: the ε-predicting denoiser of DDIM/PLMS/UniPC (timesteps in
-place of sigmas) and its sampler, with a plain DDIM (η = 0) loop."""
+place of sigmas) and its sampler, with a plain DDIM (η = 0) loop and v1.10.1's DDIM CFG++
+(sd_samplers_timesteps_impl.ddim_cfgpp at η = 0: λ = CFG/12.5 through ``cond_scale_miltiplier``, the
+direction back to noise from the denoiser's ``last_noise_uncond``)."""
 import inspect
 
 import torch
@@ -49,7 +51,26 @@ def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=
     return x
 
 
-samplers_timesteps = [("DDIM", ddim, ["ddim"], {})]
+@torch.no_grad()
+def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
+    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+    # Set on the denoiser before the first call, as the host does: the denoiser then keeps the
+    # uncond rows of every call in last_noise_uncond and scales CFG by 1/12.5.
+    model.cond_scale_miltiplier = 1 / 12.5
+    model.need_last_noise_uncond = True
+    s_in = x.new_ones((x.shape[0]))
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in, **(extra_args or {}))
+        a_t, a_prev = alphas[index].item(), alphas_prev[index].item()
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        x = a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * model.last_noise_uncond
+    return x
+
+
+samplers_timesteps = [("DDIM", ddim, ["ddim"], {}), ("DDIM CFG++", ddim_cfgpp, ["ddim_cfgpp"], {})]
 
 
 class CompVisSampler(sd_samplers_common.Sampler):
