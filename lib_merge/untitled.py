@@ -6,7 +6,9 @@ Modes (``GuidanceSettings.untitled``; write the choice to the infotext):
   CFG does nothing (skip the uncond pass). On SDXL the hosts zero an empty *negative* but
   encode an empty positive normally, so c ≠ u there.
 * ``zero``: both conditionings zeroed, SDXL's native null (caption dropout zeroes the text
-  embeddings); SDXL keeps its size/crop embeddings. c ≡ u. Off-distribution for SD1.x (its null is
+  embeddings); SDXL keeps its size/crop embeddings. c ≡ u, except where the host conditions the
+  two sides differently beyond the text: the SDXL refiner embeds an aesthetic score of 6.0 for the
+  prompt and 2.5 for the negative (both hosts' defaults). Off-distribution for SD1.x (its null is
   the encoded ""), so treat it as experimental there.
 * ``gibberish``: a reproducible random-token prompt per image (an arbitrary fixed direction);
   the negative stays "". Record the seed, the string follows from it.
@@ -89,11 +91,38 @@ def untitled_prompts(mode: str, seed: int, batch: int) -> tuple[list[str], list[
     return [""] * batch, negatives
 
 
-def untitled_same_cond(mode: str, *, is_sdxl: bool) -> bool:
-    """Whether the mode makes the cond and uncond predictions identical (then the uncond pass is skipped)."""
+def same_conditioning(a: Any, b: Any) -> bool:
+    """Whether two conditionings (tensors, dicts, lists, tuples) hold the same structure and values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
+        )
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
+            same_conditioning(a[k], b[k]) for k in a
+        )
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            same_conditioning(x, y) for x, y in zip(a, b)
+        )
+    return a == b
+
+
+def untitled_same_cond(mode: str, *, is_sdxl: bool, cond: Any = None, uncond: Any = None) -> bool:
+    """Whether the mode makes the cond and uncond predictions identical (then the uncond pass is skipped).
+
+    The mode alone says whether the *text* parts match. Pass the built ``cond`` and ``uncond`` to
+    also require everything else to match: per-side extras such as the SDXL refiner's aesthetic
+    score (6.0 prompt / 2.5 negative) make c ≠ u even for ``zero``.
+    """
     if mode == "zero":
-        return True
-    if mode == "empty":
+        text_same = True
+    elif mode == "empty":
         # SDXL hosts zero the empty negative only; SD1/SD2 encode "" the same for both.
-        return not is_sdxl
-    return False
+        text_same = not is_sdxl
+    else:
+        text_same = False
+    if not text_same or (cond is None and uncond is None):
+        return text_same
+    return same_conditioning(cond, uncond)

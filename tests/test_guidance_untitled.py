@@ -83,6 +83,27 @@ def test_same_cond_per_mode_and_model():
     assert not untitled_same_cond("gibberish", is_sdxl=False)
 
 
+def _sdxl_side(vector_dims, aesthetic=None):
+    """One side of an SDXL conditioning after ``zero``: text parts zero, size embeddings (and, on the
+    refiner, the aesthetic score embedding in the last 256 dims) kept."""
+    vector = torch.zeros(1, vector_dims)
+    vector[:, 1280:] = 0.3
+    if aesthetic is not None:
+        vector[:, -256:] = aesthetic / 10.0
+    return {"crossattn": torch.zeros(1, 77, 1280 if aesthetic is not None else 2048), "vector": vector}
+
+
+def test_zero_on_the_sdxl_refiner_is_not_same_cond():
+    base_c, base_u = _sdxl_side(2816), _sdxl_side(2816)
+    assert untitled_same_cond("zero", is_sdxl=True, cond=base_c, uncond=base_u)
+    # Both hosts embed aesthetic score 6.0 for the prompt and 2.5 for the negative on the refiner.
+    refiner_c, refiner_u = _sdxl_side(2560, 6.0), _sdxl_side(2560, 2.5)
+    assert not untitled_same_cond("zero", is_sdxl=True, cond=refiner_c, uncond=refiner_u)
+    # Equal conds never turn a mode whose text differs into c ≡ u.
+    assert not untitled_same_cond("empty", is_sdxl=True, cond=base_c, uncond=base_u)
+    assert not untitled_same_cond("zero", is_sdxl=True, cond=[base_c], uncond=[base_c, base_u])
+
+
 def test_guidance_and_testing_import_without_host_packages():
     root = Path(__file__).resolve().parents[1]
     code = (

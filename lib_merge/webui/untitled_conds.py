@@ -65,12 +65,22 @@ def compute_untitled_conds(model, mode: str, seeds: list[int], *, width: int, he
     return cond, uncond
 
 
+def _schedules(entry) -> list:
+    """(end step, cond) pairs of one image: a cond entry (one weight-1 sub-prompt) or an uncond one."""
+    if isinstance(entry, (list, tuple)) and entry and hasattr(entry[0], "schedules"):
+        if len(entry) != 1 or float(entry[0].weight) != 1.0:
+            return [("sub-prompts", len(entry))]  # never equal to an uncond's schedule list
+        entry = entry[0].schedules
+    return [(s.end_at_step, s.cond) for s in entry]
+
+
 class Untitled:
     """The untitled conditioning of one sampling pass, recomputed if the model changes (refiner)."""
 
     def __init__(self, mode: str, seeds: list[int], width: int, height: int, steps: int, model_getter: Callable[[], Any]):
         self.mode, self.seeds, self.width, self.height, self.steps = mode, list(seeds), width, height, steps
         self.model_getter = model_getter
+        self._same: Optional[tuple] = None
 
     def conds(self):
         return compute_untitled_conds(
@@ -78,7 +88,18 @@ class Untitled:
         )
 
     def same_cond(self) -> bool:
-        return untitled_lib.untitled_same_cond(self.mode, is_sdxl=bool(getattr(self.model_getter(), "is_sdxl", False)))
+        """c ≡ u for the current model: the mode says so for the text, and the built conds agree
+        in everything else (the SDXL refiner embeds a different aesthetic score per side)."""
+        model = self.model_getter()
+        key = (id(model), getattr(model, "sd_model_hash", None))
+        if self._same is None or self._same[0] != key:
+            cond, uncond = self.conds()
+            same = untitled_lib.untitled_same_cond(
+                self.mode, is_sdxl=bool(getattr(model, "is_sdxl", False)),
+                cond=[_schedules(c) for c in cond.batch], uncond=[_schedules(u) for u in uncond],
+            )
+            self._same = (key, same)
+        return self._same[1]
 
 
 def untitled_for(p, settings: GuidanceSettings, model_getter: Callable[[], Any]) -> Optional[Untitled]:
