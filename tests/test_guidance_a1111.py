@@ -375,3 +375,115 @@ def test_cfgpp_sampler_without_the_script_drives_itself(a1111, capsys):
     res = a1111.processing.process_images(p)  # p.scripts is None: nothing installed the guidance
     assert torch.isfinite(res.images).all()
     assert "λ = CFG scale / 12.5 = 0.400" in capsys.readouterr().out
+
+
+# --- issue 9: who reads the uncond (7a), host DDIM CFG++ with dynthres (6), refiner (8) -------
+
+
+def test_host_ddim_cfgpp_at_cfg_12_5_renoises_with_the_real_uncond(a1111):
+    from modules import prompt_parser
+
+    p, den, _ = _prepared(a1111, GuidanceSettings(pag_scale=3.0), batch_size=2, sampler="DDIM CFG++")
+    # What A1111's ddim_cfgpp sets before its first call: w = 12.5 × 1/12.5 = 1 for our stack.
+    den.cond_scale_miltiplier, den.need_last_noise_uncond = 1 / 12.5, True
+    torch.manual_seed(8)
+    x, t = torch.randn(2, 4, 4, 4), torch.full((2,), 600.0)
+    image_cond = torch.zeros(2, 5, 1, 1)
+    model = a1111.shared.sd_model
+    model.rows_seen.clear()
+    with torch.no_grad():
+        den(x, t, cond=p.c, uncond=p.uc, cond_scale=12.5, s_min_uncond=0.0, image_cond=image_cond)
+        rows = list(model.rows_seen)
+        _, c = prompt_parser.reconstruct_multicond_batch(p.c, 0)
+        uc = prompt_parser.reconstruct_cond_batch(p.uc, 0)
+        eps_c = den.inner_model(x, t, cond={"c_crossattn": [c], "c_concat": [image_cond]})
+        eps_u = den.inner_model(x, t, cond={"c_crossattn": [uc], "c_concat": [image_cond]})
+    # The sampler renoises with these rows: the uncond prediction, not a copy of the cond one.
+    torch.testing.assert_close(den.last_noise_uncond, eps_u, atol=1e-4, rtol=1e-4)
+    assert (eps_u - eps_c).abs().max() > 0.01
+    assert rows == [6]  # c, u, c_pag for 2 images
+    # A whole generation: every step keeps the uncond rows.
+    model.rows_seen.clear()
+    a1111.run([{"pag_scale": 3}], sampler_name="DDIM CFG++", cfg_scale=12.5, batch_size=1, steps=3)
+    assert model.rows_seen == [3, 3]  # the stand-in's DDIM takes steps − 1 model calls
+
+
+def test_host_ddim_cfgpp_refuses_dynamic_thresholding_with_one_line(a1111, capsys):
+    _, plain = a1111.run([{}], sampler_name="DDIM CFG++", cfg_scale=7.0, batch_size=1, seed=3)
+    capsys.readouterr()
+    _, dyn = a1111.run([{"dynthres_enabled": True}], sampler_name="DDIM CFG++", cfg_scale=7.0, batch_size=1, seed=3)
+    out = capsys.readouterr().out
+    assert out.count("dynamic thresholding skipped") == 1 and "'DDIM CFG++ (lambda)'" in out
+    # λ = 0.56 thresholded against mimic 7 would have amplified the guidance instead.
+    torch.testing.assert_close(dyn.images, plain.images)
+
+
+def _refiner_model():
+    """SDXL refiner in the parts that matter here: a 2560-dim vector whose last 256 dims embed the
+    aesthetic score, 6.0 for the prompt and 2.5 for the negative (both hosts' defaults)."""
+    from tests.standins.common.models import A1111Model
+
+    class Refiner(A1111Model):
+        def __init__(self):
+            super().__init__("sdxl", adm_in_channels=2560)
+            self.sd_model_hash = "standin-refiner"
+
+        def get_learned_conditioning(self, texts):
+            out = self.encoder(texts)
+            score = 2.5 if getattr(texts, "is_negative_prompt", False) else 6.0
+            out["vector"][:, -256:] = score / 10.0  # stands in for the Timestep(256) embedding
+            return out
+
+    return Refiner()
+
+
+def test_untitled_zero_on_the_sdxl_refiner_keeps_the_uncond(a1111):
+    from k_diffusion.external import CompVisDenoiser
+    from modules import prompt_parser
+
+    from lib_merge.webui import untitled_conds
+    from tests.standins.common.models import A1111Model
+
+    def same(model):
+        return untitled_conds.Untitled("zero", [1], 64, 64, 4, lambda: model).same_cond()
+
+    a1111.shared.sd_model = model = _refiner_model()
+    p, den, _ = _prepared(a1111, GuidanceSettings(untitled="zero"), batch_size=1)
+    torch.manual_seed(9)
+    x, sigma = torch.randn(1, 4, 4, 4) * 3.0, torch.full((1,), 3.0)
+    image_cond = torch.zeros(1, 5, 1, 1)
+    model.rows_seen.clear()
+    with torch.no_grad():
+        out = den(x, sigma, cond=p.c, uncond=p.uc, cond_scale=5.0, s_min_uncond=0.0, image_cond=image_cond)
+        rows = list(model.rows_seen)
+        cond, uncond = untitled_conds.compute_untitled_conds(model, "zero", p.seeds, width=p.width, height=p.height, steps=4)
+        compvis = CompVisDenoiser(model)
+        _, c = prompt_parser.reconstruct_multicond_batch(cond, 0)
+        d_c = compvis(x, sigma, cond={**c, "c_concat": [image_cond]})
+        d_u = compvis(x, sigma, cond={**prompt_parser.reconstruct_cond_batch(uncond, 0), "c_concat": [image_cond]})
+    torch.testing.assert_close(out, d_u + 5.0 * (d_c - d_u), atol=5e-4, rtol=1e-3)
+    assert (d_c - d_u).abs().max() > 0.01  # the aesthetic score alone makes c ≠ u
+    assert rows == [2]
+    assert same(A1111Model("sdxl")) and not same(_refiner_model())
+
+
+def test_a_refiner_switch_mid_pass_decides_c_equiv_u_again(a1111):
+    from lib_merge.webui import untitled_conds
+    from lib_merge.webui.guided_pass import GuidedPass
+    from tests.standins.common.models import A1111Model
+
+    class Denoiser:
+        step, steps, total_steps = 0, 4, 4
+
+    models = [A1111Model("sdxl")]
+    untitled = untitled_conds.Untitled("zero", [1], 64, 64, 4, lambda: models[0])
+    guided = GuidedPass(Denoiser(), GuidanceSettings(untitled="zero"), hires=False, untitled=untitled)
+    roles = []
+
+    def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        roles.append(guided.current.plan.roles)
+
+    for model in (models[0], _refiner_model()):  # the host reloads the refiner between two calls
+        models[0] = model
+        guided.forward(forward, torch.zeros(1, 4, 4, 4), torch.ones(1), None, None, 5.0, 0.0, None)
+    assert roles == [("cond",), ("cond", "uncond")]

@@ -1,8 +1,9 @@
 """The checks both adapters run before guiding a pass, in ``prepare_sampling``.
 
 A check that fails turns its method off for the pass (all guidance, for a sampler we cannot
-hook) with one console line instead of failing the image: CFG++ without a CFG++ sampler, attention
-layers or a FreeU width the U-Net does not have, prompts the text encoder cannot encode.
+hook) with one console line instead of failing the image: CFG++ without a CFG++ sampler, dynamic
+thresholding with the host's own DDIM CFG++, attention layers or a FreeU width the U-Net does not
+have, prompts the text encoder cannot encode.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from ..guidance.settings import GuidanceSettings
 from .cfgpp_samplers import CFGPP_SAMPLERS, sampler_name_of
 from .guidance_log import TITLE, log, log_once
 from .untitled_conds import Untitled, untitled_for
+
+
+# Both hosts' own CFG++ sampler (modules/sd_samplers_timesteps.py), which our stack cannot step.
+HOST_DDIM_CFGPP = "DDIM CFG++"
 
 
 def hookable_denoiser(p, settings: GuidanceSettings, error: Optional[BaseException]):
@@ -41,6 +46,12 @@ def effective_settings(p, settings: GuidanceSettings) -> GuidanceSettings:
         log_once(f"CFG++ skipped: sampler {name!r} is not a CFG++ sampler; choose one of {', '.join(CFGPP_SAMPLERS)}"
                  + (" (the host's 'DDIM CFG++' uses CFG/12.5 as its own λ)" if name == "DDIM CFG++" else ""))
         settings = settings.replace(cfgpp=0.0)
+    if name == HOST_DDIM_CFGPP and settings.dynthres_enabled:
+        # Its guidance scale is a λ, but the mimic scale lives on the CFG axis, and mapping λ there
+        # (ω = λσ/(σ − σ_next)) needs the next timestep, which the host's sampler does not tell us.
+        log_once(f"dynamic thresholding skipped: the host's {HOST_DDIM_CFGPP!r} guides with λ = CFG/12.5, which cannot "
+                 f"be put on the CFG scale the mimic scale is measured on; use 'DDIM CFG++ (lambda)' instead")
+        settings = settings.replace(dynthres_enabled=False)
     return settings
 
 
