@@ -88,16 +88,38 @@ def test_recipe_overrides_on_the_command_line(models, out_dir, capsys):
     assert json.loads(read_metadata(second)["lib_merge_recipe"])["alpha"] == 0.8
 
 
-def _vae_file(models, path: Path, *, prefix: str = "", drop: int = 0) -> Path:
-    """A VAE file made from model B's VAE (halved, in fp32), keys with or without the checkpoint prefix."""
+def _vae_file(models, path: Path, *, prefix: str = "", drop: int = 0, source: Path | None = None,
+              metadata: dict | None = None) -> Path:
+    """A VAE file made from model B's VAE (or ``source``'s; halved, in fp32), keys with or without
+    the checkpoint prefix."""
     from safetensors.torch import save_file
 
-    vae = {k[len("first_stage_model."):]: v.float() * 0.5 for k, v in load_tensors(models.sd1_b).items()
+    vae = {k[len("first_stage_model."):]: v.float() * 0.5 for k, v in load_tensors(source or models.sd1_b).items()
            if k.startswith("first_stage_model.")}
     for key in sorted(vae)[:drop]:
         del vae[key]
-    save_file({prefix + k: v.contiguous() for k, v in vae.items()}, str(path))
+    save_file({prefix + k: v.contiguous() for k, v in vae.items()}, str(path), metadata=metadata)
     return path
+
+
+def test_vae_of_another_latent_space_is_refused(models, out_dir, capsys):
+    """SDXL's VAE has SD1's layout, so its keys fit; the file says what it is made for when it is a
+    whole checkpoint or carries modelspec metadata, and then a mismatch is refused."""
+    out = out_dir / "x.safetensors"
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out),
+                     "--vae", str(models.sdxl_a))
+    assert "sdxl_a.safetensors" in line and "SDXL" in line and "SD1.x" in line and "pick a VAE for SD1/SD2" in line
+    line = run_error(capsys, "merge", str(models.sdxl_a), str(models.sdxl_b), "-o", str(out),
+                     "--vae", str(models.sd1_b))
+    assert "sd1_b.safetensors" in line and "pick a VAE for SDXL" in line
+    xl_vae = _vae_file(models, models.dir / "sdxl.vae.safetensors", source=models.sdxl_a,
+                       metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae"})
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--vae", str(xl_vae))
+    assert "sdxl.vae.safetensors" in line and "stable-diffusion-xl-v1-base/vae" in line
+    assert leftovers(out_dir, out.name) == []
+    sd1_vae = _vae_file(models, models.dir / "sd1.vae.safetensors",
+                        metadata={"modelspec.architecture": "stable-diffusion-v1/vae"})
+    run_ok(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out), "--vae", str(sd1_vae))
 
 
 def test_vae_bake_is_recorded_and_reproduced_by_the_recipe(models, out_dir, capsys):
