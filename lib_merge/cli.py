@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="worker threads (default: cores + 1, 2..4)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (inputs are never overwritten)")
     m.add_argument("--recipe", help="re-run a recipe: a recipe JSON or a checkpoint merged by this tool")
+    m.add_argument(
+        "--models-dir", metavar="DIR",
+        help="with --recipe: look for the recorded models (and VAE) in DIR, by their recorded relative path or "
+        "file name, before their recorded place (for a recipe moved away from its models)",
+    )
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and output (faster, less metadata)")
     m.add_argument(
         "--max-memory", metavar="SIZE",
@@ -180,11 +185,17 @@ def recipe_from_args(args: argparse.Namespace):
         if params:
             changes["params"] = {**recipe.params, **params}
         return recipe.replace(**changes)
+    if getattr(args, "models_dir", None) and not args.recipe:
+        raise MergeError("--models-dir finds the models a recipe names; use it with --recipe FILE")
     if args.recipe:
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe, models_dir=getattr(args, "models_dir", None))
         if args.models:
-            # other files: the recorded hashes no longer describe them
-            recipe = recipe.replace(models=tuple(args.models), model_hashes=())
+            # Same count: model i stands in for recorded model i, so the recorded sha256 stay to
+            # say which of them differ (the engine warns); another count is another merge.
+            same = len(args.models) == len(recipe.models)
+            recipe = recipe.replace(models=tuple(args.models), model_hashes=recipe.model_hashes if same else ())
+        else:
+            _check_recorded_models(recipe, args.recipe, getattr(args, "models_dir", None))
         changes = {k: v for k, v in overrides.items() if v is not None}
         if params:
             changes["params"] = {**recipe.params, **params}
@@ -203,6 +214,23 @@ def recipe_from_args(args: argparse.Namespace):
         dtype=args.dtype or "fp16",
         blocks=args.blocks or "supermerger",
         vae=args.vae,
+    )
+
+
+def _check_recorded_models(recipe, source: str, models_dir: str | None) -> None:
+    """Every model (and VAE) the recipe names must be there; a moved recipe says how to point at them."""
+    from .errors import RecipeError
+    from .inputs import parse_model_ref
+
+    refs = [m for m in recipe.models if isinstance(parse_model_ref(m), str)] + ([recipe.vae] if recipe.vae else [])
+    missing = [Path(m) for m in refs if not Path(m).exists()]
+    if not missing:
+        return
+    where = f"in {models_dir} or " if models_dir else ""
+    names = ", ".join(p.name for p in missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+    raise RecipeError(
+        f"{source}: {len(missing)} recorded model(s) not found {where}at {missing[0].parent}: {names}; "
+        "pass --models-dir DIR (the folder they are in now) or give the models after `merge`"
     )
 
 

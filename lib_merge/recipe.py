@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,14 +124,21 @@ class Recipe:
             raise RecipeError(f"{source}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=source)
 
-    def with_base_dir(self, base: Path) -> "Recipe":
-        """Resolve relative model (and VAE) paths against ``base``; virtual inputs are kept."""
+    def with_base_dir(self, base: Path, models_dir: Path | None = None) -> "Recipe":
+        """Resolve relative model (and VAE) paths against ``base``; virtual inputs are kept. With
+        ``models_dir`` (the recipe moved away from its models), a recorded name found there —
+        as recorded, or by its file name alone — wins over the recorded place."""
         from .inputs import parse_model_ref
 
         def resolve(ref: str) -> str:
-            if not isinstance(parse_model_ref(ref), str) or os.path.isabs(ref):
+            if not isinstance(parse_model_ref(ref), str):
                 return ref
-            return str(base / ref)
+            if models_dir is not None:
+                name = re.split(r"[\\/]", ref)[-1]  # recorded on Windows or POSIX alike
+                for candidate in ([] if os.path.isabs(ref) else [models_dir / ref]) + [models_dir / name]:
+                    if candidate.is_file():
+                        return str(candidate)
+            return ref if os.path.isabs(ref) else str(base / ref)
 
         return self.replace(
             models=tuple(resolve(m) for m in self.models),
@@ -153,10 +161,13 @@ class Recipe:
         return self.replace(models=tuple(rel(m) for m in self.models), vae=rel(self.vae) if self.vae else None)
 
 
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+def load_recipe(path: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None) -> Recipe:
     """Read a recipe JSON file, or the recipe embedded in a checkpoint merged by this tool; model
-    paths come back resolved against the file's folder."""
+    paths come back resolved against the file's folder (or found in ``models_dir``)."""
     p = Path(path)
+    folder = Path(models_dir) if models_dir is not None else None
+    if folder is not None and not folder.is_dir():
+        raise RecipeError(f"--models-dir {folder}: not a folder")
     if not p.exists():
         raise RecipeError(f"{p}: recipe file not found")
     if p.suffix.lower() in (".safetensors", ".sft"):
@@ -169,12 +180,12 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
                 f"{p}: has no {METADATA_KEY!r} metadata — it was not merged by lib_merge (A1111's "
                 "sd_merge_recipe lacks the block weights needed to reproduce it)"
             )
-        return Recipe.from_json(text, source=str(p)).with_base_dir(p.parent)
+        return Recipe.from_json(text, source=str(p)).with_base_dir(p.parent, folder)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: cannot read recipe ({exc})") from None
-    return Recipe.from_json(text, source=str(p)).with_base_dir(p.parent)
+    return Recipe.from_json(text, source=str(p)).with_base_dir(p.parent, folder)
 
 
 def _jsonable(value: Any) -> Any:

@@ -543,3 +543,40 @@ CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 def _merged_conv_in(models) -> torch.Tensor:
     a, b = load_tensors(models.sd1_a)[CONV_IN_KEY].float(), load_tensors(models.sd1_b)[CONV_IN_KEY].float()
     return torch.lerp(a, b, 0.5).half()
+
+
+def test_moved_recipe_finds_its_models_with_models_dir(models, out_dir, capsys, tmp_path):
+    first = out_dir / "first.safetensors"
+    run_ok(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(first), "--alpha", "0.3")
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.mkdir(parents=True)
+    recipe = moved / "first.safetensors"
+    recipe.write_bytes(first.read_bytes())
+    again = out_dir / "again.safetensors"
+    line = run_error(capsys, "merge", "--recipe", str(recipe), "-o", str(again))
+    assert "sd1_a.safetensors" in line and "sd1_b.safetensors" in line and "--models-dir" in line
+    assert not again.exists()
+    out = run_ok(capsys, "merge", "--recipe", str(recipe), "-o", str(again), "--models-dir", str(models.dir))
+    assert again.read_bytes() == first.read_bytes()  # same models found, same folder: same bytes
+    assert f"sha256 {hashlib.sha256(first.read_bytes()).hexdigest()}" in out
+    line = run_error(capsys, "merge", "--recipe", str(recipe), "-o", str(out_dir / "x.safetensors"),
+                     "--models-dir", str(tmp_path / "nope"))
+    assert "--models-dir" in line and "not a folder" in line
+    line = run_error(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "x.safetensors"),
+                     "--models-dir", str(models.dir))
+    assert "--recipe" in line
+
+
+def test_recipe_with_other_models_says_which_differ(models, out_dir, capsys):
+    first = out_dir / "first.safetensors"
+    run_ok(capsys, "merge", str(models.sd1_a), str(models.sd1_b), "-o", str(first), "--alpha", "0.3")
+    code = main(["merge", "--recipe", str(first), str(models.sd1_a), str(models.sd1_c), "-o",
+                 str(out_dir / "other.safetensors")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, captured.err
+    assert "B (sd1_c.safetensors) is not the file the recipe recorded" in warnings[0]
+    # the same files given again: nothing to say
+    main(["merge", "--recipe", str(first), str(models.sd1_a), str(models.sd1_b), "-o", str(out_dir / "same.safetensors")])
+    assert "warning" not in capsys.readouterr().err
