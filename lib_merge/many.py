@@ -120,7 +120,8 @@ class MemoryPlan:
         count = len(plan.inputs)
         copies = getattr(method.fn, "working_copies", None)
         if copies is not None:
-            per_key = f"{copies(count):g} fp32 copies of a key ({count - 1} task vectors + working buffers)"
+            what = getattr(method.fn, "working_set", None) or f"{count - 1} task vectors + working buffers"
+            per_key = f"{copies(count):g} fp32 copies of a key ({what})"
         elif method.elementwise:
             per_key = f"{count} inputs mapped + {count + 2} fp32 chunks of {stream_chunk(count)} elements"
         else:
