@@ -291,3 +291,62 @@ def test_bislerp_matches_the_nested_whole_tensor_version(kind):
         got = spec.fn(a, b, c, d, ctx=CTX, alpha=alpha, beta=beta)
         want = ref_slerp_tensors(ref_slerp_tensors(a, b, alpha), ref_slerp_tensors(c, d, alpha), beta)
         assert_slerp_close(got, want)
+
+
+
+# -- the task-vector pipeline: election, combination and A + α·τ fused into one pass --------------------
+def ref_merge(base, models, ctx, config, alpha, weights):
+    """The pipeline before the fused pass (sum/mean combinations), with the reference trims."""
+    from lib_merge.methods.task_vector import _combine, _elect_
+    from lib_merge.methods.median import row_chunk
+
+    n = base.numel()
+    deltas = torch.stack([m.reshape(-1).float() - base.reshape(-1).float() for m in models])
+    for i in range(len(models)):
+        row = deltas[i]
+        if config.drop == "della":
+            ref_della_drop_(row, ctx=ctx, model_index=i + 1, p=config.p, eps=config.della_eps, rescale=config.rescale)
+        if config.trim == "top":
+            ref_trim_top_(row, config.k)
+        elif config.trim == "band":
+            ref_trim_band_(row, config.k, config.gamma)
+    across = row_chunk(len(models))
+    if config.vote != "none":
+        for part in sparsify.chunks(n, across):
+            _elect_(deltas[:, part], weights, config.vote)
+    tau = torch.empty(n, dtype=torch.float32)
+    for part in sparsify.chunks(n, across):
+        tau[part] = _combine(deltas[:, part], weights, config)
+    flat_a = base.reshape(-1)
+    for part in sparsify.chunks(n):
+        tau[part].mul_(alpha).add_(flat_a[part])
+    return tau.view(base.shape)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ties", {"k": 0.2}), ("ties", {"k": 0.5, "vote": "count", "task_weights": "1,0.5,2"}),
+    ("breadcrumbs", {}), ("breadcrumbs", {"vote": "sum"}),
+    ("della", {}), ("della", {"vote": "count", "eps": -0.3, "rescale": False}),
+])
+def test_task_vector_methods_are_bit_identical(name, params):
+    from lib_merge.methods.task_vector import TaskVectorConfig
+
+    n = 200_003
+    base = awkward(n, "randn", seed=20).half()
+    models = [(base.float() + awkward(n, kind, seed=21 + i) * 0.01).half() for i, kind in enumerate(("fp16", "ints", "randn"))]
+    spec = get_method(name)
+    resolved = spec.resolve_params(params)
+    got = spec.fn(base, *models, ctx=CTX, **resolved)
+    vote = resolved["vote"]
+    combine = "mean" if vote != "none" else "sum"
+    config = {
+        "ties": TaskVectorConfig(trim="top", k=resolved.get("k", 1.0), vote=vote, combine="mean"),
+        "breadcrumbs": TaskVectorConfig(trim="band", k=resolved.get("k", 1.0), gamma=resolved.get("gamma", 0.0),
+                                        vote=vote, combine=combine),
+        "della": TaskVectorConfig(drop="della", p=resolved.get("p", 0.0), della_eps=resolved.get("eps", 0.0),
+                                  rescale=resolved.get("rescale", False), vote=vote, combine=combine),
+    }[name]
+    text = resolved.get("task_weights", "")
+    weights = torch.tensor([float(v) for v in text.split(",")], dtype=torch.float64) if text else torch.ones(3, dtype=torch.float64)
+    want = ref_merge(base, models, CTX, config, resolved["alpha"], weights)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

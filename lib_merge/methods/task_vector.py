@@ -110,18 +110,25 @@ def _merge(base: Any, models: Sequence[Any], ctx: KeyContext, config: TaskVector
         del t  # unmaps the fine-tune before the next one is read
         _sparsify_(row, ctx, i + 1, config)
     across = row_chunk(count)  # P × columns blocks of ~2^18 values: the temporaries stay small for any P
+    if config.combine not in ("median", "stock"):
+        # election, combination and A + α·τ in one pass, each block while it is in cache
+        tau = torch.empty(n, dtype=torch.float32)
+        for part in chunks(n, across):
+            block = deltas[:, part]
+            if config.vote != "none":
+                _elect_(block, weights, config.vote)
+            out = tau[part]
+            out.copy_(_combine(block, weights, config))
+            out.mul_(alpha).add_(flat_a[part])
+        return tau.view(shape)
     if config.vote != "none":
         for part in chunks(n, across):
             _elect_(deltas[:, part], weights, config.vote)
     if config.combine == "median":
         zero = 1.0 if config.include_base else 0.0
         tau, _ = geometric_median_rows(deltas, weights, zero_weight=zero, params=config.median)
-    elif config.combine == "stock":
-        tau = _model_stock(deltas, config.cos_eps)
     else:
-        tau = torch.empty(n, dtype=torch.float32)
-        for part in chunks(n, across):
-            tau[part] = _combine(deltas[:, part], weights, config)
+        tau = _model_stock(deltas, config.cos_eps)
     del deltas
     for part in chunks(n):
         tau[part].mul_(alpha).add_(flat_a[part])
