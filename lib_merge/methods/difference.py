@@ -15,8 +15,9 @@ def train_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, ctx: 
     """A + 1.8·α·(B − C)·|B − A| / (|B − A| + |B − C|) (supermerger "trainDifference"): add B − C
     as if A had been trained the same way, scaled down where A already is close to B; 0/0 → 0,
     so where B equals C the result is A."""
+    # three temporaries, updated in place, in the formula's order of operations (so the bits are
+    # those of the plain expression: tests/test_method_exactness.py); the inputs are left alone
     delta = b - c
-    dist_a = (b - a).abs()
-    scale = dist_a / (dist_a + delta.abs())
-    scale = torch.nan_to_num(scale, nan=0.0)
-    return a + (TRAIN_DIFFERENCE_GAIN * alpha) * delta * scale
+    scale = torch.sub(b, a).abs_()
+    scale.div_(delta.abs().add_(scale)).nan_to_num_(nan=0.0)
+    return delta.mul_(TRAIN_DIFFERENCE_GAIN * alpha).mul_(scale).add_(a)
