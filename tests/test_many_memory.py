@@ -191,3 +191,55 @@ def test_rerun_warns_when_an_input_is_not_the_recorded_file(models, tmp_path):
     engine.merge(Recipe("ties_soup", tuple(models), model_hashes=recorded), tmp_path / "o.safetensors",
                  warn=warnings.append)
     assert len(warnings) == 1 and "A (m0.safetensors) is not the file the recipe recorded" in warnings[0]
+
+
+def test_every_method_stays_within_the_bound_the_plan_prints():
+    """Each registered method runs one big fp16 key through the engine's own key path
+    (produce_job, the chunks consumed as a writer would), in a forked child of a process that
+    ran the same key once (so one-time costs — kernels, per-thread chunk buffers — are paid):
+    the peak RSS growth plus the inputs the formula counts as mapped (already resident here)
+    must stay within job_bytes, the per-key figure behind the printed 'working set ≤' bound."""
+    script = textwrap.dedent("""
+        import json, os, resource, types, torch
+        import lib_merge.engine as engine
+        from lib_merge.io.reader import TensorDictReader
+        from lib_merge.many import job_bytes
+        from lib_merge.methods import all_methods
+        from lib_merge.plan import KeyJob
+        torch.set_num_threads(1)
+        n = 2_000_000
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(n, generator=g)
+        models = [base.half()] + [(base + 0.05 * torch.randn(n, generator=g)).half() for _ in range(3)]
+        def setup(spec, tensors, count):
+            readers = [TensorDictReader(f"m{i}", {"k": t}) for i, t in enumerate(tensors[:count])]
+            recipe = types.SimpleNamespace(seed=1, models=tuple(f"m{i}" for i in range(count)))
+            plan = types.SimpleNamespace(recipe=recipe, method=spec, inputs=readers)
+            job = KeyJob("k", "merge", "BASE", (tensors[0].numel(),), torch.float16,
+                         spec.resolve_params({}), tuple(range(count)))
+            return plan, job
+        for spec in all_methods():
+            count = max(spec.min_models, 3) if spec.max_models is None else spec.min_models
+            plan, job = setup(spec, models, count)
+            for _ in engine.produce_job(plan, job):  # kernels, thread buffers and the allocator warm
+                pass
+            lazy = getattr(spec.fn, "lazy_inputs", False)
+            mapped = (2 if lazy else count) * 2 * n
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                for _ in engine.produce_job(plan, job):
+                    pass
+                after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                os.write(write, json.dumps([spec.name, after - before + mapped, job_bytes(plan, job)]).encode())
+                os._exit(0)
+            os.close(write)
+            os.waitpid(pid, 0)
+            print(os.read(read, 1000).decode())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert {"slerp", "bislerp", "ties", "della", "geometric_median", "train_difference"} <= {r[0] for r in rows}
+    over = [(name, used, bound) for name, used, bound in rows if used > bound]
+    assert not over, over
