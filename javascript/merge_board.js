@@ -1,5 +1,8 @@
-// Merge Board client sugar: the block sliders and the weight string follow each other instantly.
-// The server does the same on slider release and on string submit, so the board works without JS.
+// Merge Board client sugar: the block sliders, α and the weight string follow each other instantly.
+// The weight string is the source of truth; the server rebuilds the whole block area from it on
+// every committed change (Board.block_state), so the board works without this script. Here only
+// the in-between states of a drag or of typing are shown, and a committed value reaches gradio's
+// copy of the string at once (a Save clicked right after typing α reads the new string).
 // Only element ids and tag names are used (no gradio class names): the DOM differs between
 // gradio 3.41 (A1111) and 4.x (Forge).
 (function () {
@@ -47,6 +50,13 @@
         return items.map(Number);
     }
 
+    function clampTo(input, v) {
+        var lo = Number(input.min), hi = Number(input.max);
+        if (input.min !== "" && isFinite(lo)) v = Math.max(lo, v);
+        if (input.max !== "" && isFinite(hi)) v = Math.min(hi, v);
+        return v;
+    }
+
     function sliderValue(name) {
         var box = byId("mergeboard_w_" + name);
         var input = box ? box.querySelector("input[type=number], input[type=range]") : null;
@@ -81,8 +91,8 @@
         names.forEach(function (name, k) {
             var box = byId("mergeboard_w_" + name);
             if (!box) return;
-            var v = Math.min(1, Math.max(0, vec[k]));
             box.querySelectorAll("input").forEach(function (input) {
+                var v = clampTo(input, vec[k]);
                 if (Number(input.value) !== v) {
                     input.value = String(v);
                     fire(input);
@@ -91,16 +101,40 @@
         });
     }
 
+    // α sets every block: while dragging or typing only the text follows; when the value is
+    // committed (slider let go, Enter, leaving the box) gradio's string and the sliders follow too.
+    function onAlpha(value, commit) {
+        var field = textField("mergeboard_weights");
+        if (!field || !isFinite(value)) return;
+        var text = archBlocks().map(function () { return fmt(value); }).join(",");
+        if (field.value !== text) field.value = text;
+        if (commit) {
+            fire(field);
+            onWeights(text);
+        }
+    }
+
+    // Enter in a slider's number box commits it like leaving the box (gradio reports "release"
+    // on blur only, so without this a typed α waited for the next click elsewhere).
+    function onKey(event) {
+        var target = event.target;
+        if (event.key !== "Enter" || !target || !target.closest || target.type !== "number") return;
+        if (target.closest("#mergeboard_alpha, #mergeboard_beta, [id^='mergeboard_w_']")) target.blur();
+    }
+
     function handler(event) {
         if (syncing) return;
         var target = event.target;
         if (!target || !target.closest) return;
         var slider = target.closest("[id^='mergeboard_w_']");
         var weights = target.closest("#mergeboard_weights");
-        if (!slider && !weights) return;
+        var alpha = target.closest("#mergeboard_alpha");
+        if (!slider && !weights && !alpha) return;
+        if (target.value === "" && !weights) return; // a number box being typed into ("-", "")
         syncing = true;
         try {
             if (slider) onSlider(slider.id.substring("mergeboard_w_".length), Number(target.value), event.type === "change");
+            else if (alpha) onAlpha(Number(target.value), event.type === "change");
             else if (event.type === "input") onWeights(target.value);
         } finally {
             syncing = false;
@@ -112,6 +146,7 @@
         window.mergeboardSetupDone = true;
         document.addEventListener("input", handler, true);
         document.addEventListener("change", handler, true);
+        document.addEventListener("keydown", onKey, true);
     };
 
     // After a save: let the WebUI's own checkpoint dropdown pick up the new file at once.

@@ -65,7 +65,7 @@ def test_board_builds_and_wires_every_event(host):
         assert ("release", f"mergeboard_w_{name}") in pairs
     expected = {
         ("change", "mergeboard_model_A"), ("click", "mergeboard_refresh"), ("change", "mergeboard_method"),
-        ("change", "mergeboard_preset"), ("release", "mergeboard_alpha"), ("submit", "mergeboard_weights"),
+        ("input", "mergeboard_preset"), ("release", "mergeboard_alpha"), ("submit", "mergeboard_weights"),
         ("blur", "mergeboard_weights"), ("change", "mergeboard_weights"), ("change", "mergeboard_live"),
         ("click", "mergeboard_preview"), ("click", "mergeboard_compare"), ("click", "mergeboard_save"),
         ("click", "mergeboard_cancel"), ("click", "mergeboard_load_recipe"),
@@ -89,7 +89,10 @@ def test_sliders_switch_between_26_and_20_blocks(host):
     board = Board(host)
     out = board.on_model_a("sdxl_base.safetensors", "", 0.5, "sdxl_pony.safetensors", None, None, None, None)
     picker_updates, slider_updates = out[:5], out[5:5 + len(ALL_BLOCKS)]
-    assert picker_updates[0]["value"] == "sdxl_pony.safetensors"
+    # a B that fits A is left alone (the value passed in may be older than the user's pick since)
+    assert picker_updates[0].get("value", "sdxl_pony.safetensors") == "sdxl_pony.safetensors"
+    cleared = board.on_model_a("sdxl_base.safetensors", "", 0.5, "sd15_anime.safetensors", None, None, None, None)
+    assert cleared[0]["value"] is None  # an SD1 B does not fit an SDXL A
     assert all(c.startswith("sdxl") for c in picker_updates[0]["choices"])  # filtered to A's architecture
     hidden = [name for name, u in zip(ALL_BLOCKS, slider_updates) if u.get("visible") is False]
     assert hidden == ["IN09", "IN10", "IN11", "OUT09", "OUT10", "OUT11"]
@@ -115,7 +118,7 @@ def test_method_controls_come_from_the_registry(host):
 def test_slider_and_string_stay_in_sync_server_side(host):
     board = Board(host)
     text = ",".join(["1.5"] + ["0.5"] * 25)  # BASE outside the sliders' range
-    new, _ = board.on_slider("IN04", 0.25, text, "sd15_base.safetensors", 0.5)
+    new = board.on_slider("IN04", 0.25, text, "sd15_base.safetensors", 0.5)[len(ALL_BLOCKS)]
     values = new["value"].split(",")
     assert values[0] == "1.5" and values[5] == "0.25"
     out = board.on_weights_text("GRAD_V,IN04=0.3", "sd15_base.safetensors", 0.5)
@@ -123,7 +126,7 @@ def test_slider_and_string_stay_in_sync_server_side(host):
     assert sliders[ALL_BLOCKS.index("IN04")]["value"] == 0.3
     assert string["value"].split(",")[5] == "0.3"
     bad = board.on_weights_text("IN99=1", "sd15_base.safetensors", 0.5)
-    assert "unknown block" in html.unescape(bad[-1]) and all(u == gr.update() for u in bad[:len(ALL_BLOCKS)])
+    assert "unknown block" in html.unescape(bad[-1]) and all(u == gr.update() for u in bad[:len(ALL_BLOCKS) + 1])
     preset = board.on_preset("GRAD_V", "sd15_base.safetensors")
     assert preset[len(ALL_BLOCKS)]["value"].startswith("0,1,")
 
@@ -249,3 +252,118 @@ def test_saving_leaves_torch_threads_of_the_host_alone(host):
         assert _threads_of_a_new_thread() == 2
     finally:
         torch.set_num_threads(original)
+
+
+# -- one path for the blocks (issue 9: items 13-15, 17, 18, 20) ---------------------------------------
+N_BLOCKS = len(ALL_BLOCKS)
+A15 = "sd15_base.safetensors"
+
+
+def _block_area(out):
+    """(slider values by block, weight string, preset label, field message) of a block_state list."""
+    sliders = {name: u.get("value") for name, u in zip(ALL_BLOCKS, out[:N_BLOCKS])}
+    return sliders, out[N_BLOCKS]["value"], out[N_BLOCKS + 2]["value"], html.unescape(out[N_BLOCKS + 3])
+
+
+def test_alpha_sets_every_block_and_the_sliders_reach_it(host):
+    board = Board(host)
+    sliders, text, label, _ = _block_area(board.on_alpha(-0.42, A15))
+    assert set(text.split(",")) == {"-0.42"} and len(text.split(",")) == 26
+    assert all(v == -0.42 for v in sliders.values())  # not clamped to 0 any more: one range for α and blocks
+    assert label == "custom"
+    assert all(u == gr.update() for u in board.on_alpha(None, A15))  # a half-typed number applies nothing
+
+
+def test_loading_a_recipe_moves_the_sliders_and_says_so(host):
+    board = Board(host)
+    weights = ",".join(["0.5"] * 5 + ["0.86"] + ["0.5"] * 20)
+    assert "saved" in board.on_save("in04", "fp16", NO_VAE, False, *_values(board, weights=weights))
+    out = board.on_load_recipe("in04.safetensors")
+    sliders, text, label, _ = _block_area(out[-1 - (N_BLOCKS + 4):-1])
+    assert text.split(",")[5] == "0.86" and sliders["IN04"] == 0.86 and sliders["IN03"] == 0.5
+    assert "loaded the recipe of in04.safetensors" in html.unescape(out[-1])
+    assert len(out) == len(board_base.LETTERS) + 5 + len(board.param_names) + N_BLOCKS + 4 + 1
+
+
+def test_preset_label_follows_the_blocks(host):
+    board = Board(host)
+    _, text, label, _ = _block_area(board.on_preset("GRAD_V", A15))
+    assert label == "GRAD_V"
+    _, _, label, _ = _block_area(board.on_slider("IN04", 0.19, text, A15, 0.5))
+    assert label == "custom"
+    _, _, label, _ = _block_area(board.on_weights_text("GRAD_V", A15, 0.5))
+    assert label == "GRAD_V"
+    assert all(u == gr.update() for u in board.on_preset("custom", A15))  # the label is not a preset to apply
+
+
+def test_a_bad_weight_string_is_reported_at_the_field(host):
+    board = Board(host)
+    out = board.on_weights_text("IN99=1", A15, 0.5)
+    assert "unknown block" in html.unescape(out[N_BLOCKS + 3])  # the field's own message line
+    ui, board = build(host, standalone=True)
+    config = ui.get_config_file()
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    dep = next(d for d in config["dependencies"] if any(
+        (t[1] if isinstance(t, (list, tuple)) else d.get("trigger")) == "submit" for t in d["targets"]))
+    assert "mergeboard_weights_msg" in [ids[o] for o in dep["outputs"]]
+
+
+def test_sliders_and_alpha_share_one_range(host):
+    ui, board = build(host, standalone=True)
+    for name in ["alpha", "beta"] + [f"w_{b}" for b in ALL_BLOCKS]:
+        props = next(c["props"] for c in ui.get_config_file()["components"] if c.get("props", {}).get("elem_id") == f"mergeboard_{name}")
+        assert (props["minimum"], props["maximum"]) == (-1.0, 2.0), name
+
+
+def test_state_dependent_controls_are_not_saved_by_the_hosts(host):
+    """A1111/Forge's ui_loadsave skips components with do_not_save_to_config; model A, the live
+    switch, the sliders' values and ranges and the preview size must come from the running server."""
+    _, board = build(host, standalone=True)
+    c = board.components
+    for component in c["pickers"] + [c["live"], c["weights"], c["alpha"], c["preset"], c["width"], c["height"]] + list(c["sliders"].values()):
+        assert getattr(component, "do_not_save_to_config", False), component.elem_id
+    assert not getattr(c["save_dtype"], "do_not_save_to_config", False)  # a user preference stays saveable
+
+
+def test_page_load_syncs_model_a_and_the_live_switch(host, monkeypatch):
+    _, board = build(host, standalone=True)
+    board.session.set_enabled(True)
+    monkeypatch.setattr(host, "loaded_checkpoint", lambda: host.models_dir / "sdxl_base.safetensors")
+    out = board.on_page_load("sd15_base.safetensors", None, None, None, None, None)
+    assert out[0]["value"] == "sdxl_base.safetensors"
+    live, status = out[-2], html.unescape(out[-1])
+    assert live["value"] is True and "Live preview on" in status
+    (host.models_dir / "late.safetensors").hardlink_to(host.models_dir / "sd15_base.safetensors")
+    assert "late.safetensors" in board.on_page_load(None, None, None, None, None, None)[0]["choices"]
+
+
+def test_method_help_is_whole(host):
+    board = Board(host)
+    text = board.on_method("ties")[-1]["value"]
+    assert text.rstrip().endswith(".") and "zer" in text and "\n" not in text
+    assert len(text) > 300
+
+
+def test_save_and_load_write_one_console_line(host, capsys):
+    board = Board(host)
+    assert "saved" in board.on_save("logged", "fp16", NO_VAE, False, *_values(board))
+    board.on_load_recipe("logged.safetensors")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[Merge Board]")]
+    assert any("saved" in line and "logged.safetensors" in line and " s" in line for line in lines), lines
+    assert any("loaded the recipe of logged.safetensors" in line for line in lines), lines
+
+
+def test_heatmap_rows_have_their_own_scale_from_zero(host):
+    from types import SimpleNamespace
+
+    from lib_merge.webui.board_plots import heatmap
+
+    blocks = {"IN00": SimpleNamespace(relative_difference=0.12, cosine=0.999),
+              "IN01": SimpleNamespace(relative_difference=0.15, cosine=0.5)}
+    fig = heatmap(SimpleNamespace(blocks=blocks))
+    images = [ax.images[0] for ax in fig.axes if ax.images and ax.get_yticklabels()]
+    rel = images[0]
+    assert rel.norm.vmin == 0.0 and rel.norm.vmax == pytest.approx(0.15)
+    # 0.12 and 0.15 sit at 80 % and 100 % of one scale, not at its two ends
+    assert rel.norm(0.12) == pytest.approx(0.8)
+    assert len(fig.axes) == 4  # two rows, each with its colour bar

@@ -25,7 +25,7 @@ from ..blocks import format_block_weights, parse_block_weights, preset_names
 from .board_actions import ActionHandlers
 from .board_base import ALL_BLOCKS, LETTERS, NO_VAE
 from .board_gradio import _gr, _html_message, _js_kwargs
-from .board_sync import SyncHandlers
+from .board_sync import CUSTOM, WEIGHT_MAX, WEIGHT_MIN, SyncHandlers
 from .host import Host, LiveSession
 
 ELEM = "mergeboard"
@@ -66,15 +66,18 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                         label=f"Model {letter}" + (" (loaded model for live preview)" if i == 0 and host.has_sampler else ""),
                         elem_id=f"{ELEM}_model_{letter}", visible=i < 2, interactive=True, allow_custom_value=i > 0,
                     ))
-                refresh = gr.Button("🔄", elem_id=f"{ELEM}_refresh", scale=0, min_width=40)
+                # a text label: an emoji renders as an empty box where no emoji font is installed
+                refresh = gr.Button("Refresh", elem_id=f"{ELEM}_refresh", scale=0, min_width=80)
             with gr.Row():
                 method_dd = gr.Dropdown(choices=list(board.methods), value=method.name, label="Method", elem_id=f"{ELEM}_method")
                 seed = gr.Number(value=0, precision=0, label="Seed (random methods, noise inputs)", elem_id=f"{ELEM}_seed")
                 arch_html = gr.HTML(board._arch_html(arch, a_title)["value"], elem_id=f"{ELEM}_arch")
-            method_help = gr.Markdown(f"**{method.name}** — {method.help.splitlines()[0]}", elem_id=f"{ELEM}_method_help")
+            method_help = gr.Markdown(board.method_help(method), elem_id=f"{ELEM}_method_help")
             with gr.Row():
-                alpha = gr.Slider(minimum=-1.0, maximum=2.0, step=0.01, value=0.5, label=Board._alpha_label(method), elem_id=f"{ELEM}_alpha")
-                beta = gr.Slider(minimum=-1.0, maximum=2.0, step=0.01, value=0.5, label="β", elem_id=f"{ELEM}_beta", visible=False)
+                alpha = gr.Slider(minimum=WEIGHT_MIN, maximum=WEIGHT_MAX, step=0.01, value=0.5, label=Board._alpha_label(method),
+                                  elem_id=f"{ELEM}_alpha")
+                beta = gr.Slider(minimum=WEIGHT_MIN, maximum=WEIGHT_MAX, step=0.01, value=0.5, label="β", elem_id=f"{ELEM}_beta",
+                                 visible=False)
             param_controls = []
             with gr.Row():
                 for name, spec in board.param_specs.items():
@@ -91,25 +94,28 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                     param_controls.append(control)
             with gr.Column(elem_id=f"{ELEM}_blocks") as block_area:
                 with gr.Row():
-                    preset = gr.Dropdown(choices=preset_names(arch), value=None, label="Preset", elem_id=f"{ELEM}_preset")
-                    weights = gr.Textbox(value=format_block_weights(values, arch), lines=1, max_lines=2,
-                                         label="Block weights (α per block; presets and IN04=0.3 overrides work; Enter applies)",
-                                         elem_id=f"{ELEM}_weights")
+                    preset = gr.Dropdown(choices=[CUSTOM] + preset_names(arch), value=board.preset_label(arch, values),
+                                         label="Preset", elem_id=f"{ELEM}_preset")
+                    with gr.Column(scale=4):
+                        weights = gr.Textbox(value=format_block_weights(values, arch), lines=1, max_lines=2,
+                                             label="Block weights (α per block; presets and IN04=0.3 overrides work; Enter applies)",
+                                             elem_id=f"{ELEM}_weights")
+                        weights_msg = gr.HTML("", elem_id=f"{ELEM}_weights_msg")
                 sliders: dict[str, Any] = {}
                 visible_blocks = get_arch(arch).blocks
                 with gr.Row():
-                    sliders["BASE"] = gr.Slider(0.0, 1.0, step=0.01, value=0.5, label="BASE", elem_id=f"{ELEM}_w_BASE")
-                    sliders["M00"] = gr.Slider(0.0, 1.0, step=0.01, value=0.5, label="M00", elem_id=f"{ELEM}_w_M00")
+                    sliders["BASE"] = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, step=0.01, value=0.5, label="BASE", elem_id=f"{ELEM}_w_BASE")
+                    sliders["M00"] = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, step=0.01, value=0.5, label="M00", elem_id=f"{ELEM}_w_M00")
                 with gr.Row():
                     with gr.Column():
                         for i in range(12):
                             name = f"IN{i:02d}"
-                            sliders[name] = gr.Slider(0.0, 1.0, step=0.01, value=0.5, label=name,
+                            sliders[name] = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, step=0.01, value=0.5, label=name,
                                                       elem_id=f"{ELEM}_w_{name}", visible=name in visible_blocks)
                     with gr.Column():
                         for i in range(11, -1, -1):
                             name = f"OUT{i:02d}"
-                            sliders[name] = gr.Slider(0.0, 1.0, step=0.01, value=0.5, label=name,
+                            sliders[name] = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, step=0.01, value=0.5, label=name,
                                                       elem_id=f"{ELEM}_w_{name}", visible=name in visible_blocks)
                 ordered_sliders = [sliders[n] for n in ALL_BLOCKS]
                 curve = gr.Plot(value=board.curve(arch, values), label="Block-weight curve", elem_id=f"{ELEM}_curve")
@@ -149,24 +155,42 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                 with gr.Row():
                     recipe_src = gr.Dropdown(choices=a_choices, value=None, label="Merged model", elem_id=f"{ELEM}_recipe_src")
                     load_btn = gr.Button("Load recipe", elem_id=f"{ELEM}_load_recipe")
+                recipe_msg = gr.HTML("", elem_id=f"{ELEM}_recipe_msg")
             status = gr.HTML(_html_message(board.session.status_line()), elem_id=f"{ELEM}_status")
 
         recipe_inputs = pickers + [method_dd, alpha, beta, weights, seed] + param_controls
         others = pickers[1:]
+        # every event that changes the blocks returns this whole area (Board.block_state)
+        block_outputs = ordered_sliders + [weights, curve, preset, weights_msg]
+        list_outputs = pickers + [recipe_src, save_vae]
 
-        refresh.click(board.on_refresh, [pickers[0]] + others, pickers + [recipe_src, save_vae], show_progress="hidden")
-        pickers[0].change(board.on_model_a, [pickers[0], weights, alpha] + others,
-                          others + ordered_sliders + [weights, preset, arch_html, curve], show_progress="hidden")
-        method_dd.change(board.on_method, [method_dd], others + [alpha, beta, block_area] + param_controls + [method_help],
-                         show_progress="hidden")
-        preset.change(board.on_preset, [preset, pickers[0]], ordered_sliders + [weights, curve], show_progress="hidden")
-        alpha.release(board.on_alpha, [alpha, pickers[0]], ordered_sliders + [weights, curve], show_progress="hidden")
+        # Values that depend on the running server (the loaded model, the checkpoint list, the live
+        # switch) or on another control: the hosts' ui-config.json must not store them and put a
+        # stale one back over the page at the next start (modules/ui_loadsave.py reads this flag).
+        for component in (pickers + [method_dd, alpha, beta, preset, weights, live, p_width, p_height, save_vae,
+                                     recipe_src, overwrite] + param_controls + ordered_sliders):
+            component.do_not_save_to_config = True
+
+        ui.load(board.on_page_load, [pickers[0]] + others,
+                list_outputs + [live, status], show_progress="hidden")
+        refresh.click(board.on_refresh, [pickers[0]] + others, list_outputs, show_progress="hidden")
+        def model_a_fn(a_title, text, alpha_value, width, height, *other_titles):
+            return board.on_model_a(a_title, text, alpha_value, *other_titles) + board.preview_size(a_title, width, height)
+
+        pickers[0].change(model_a_fn, [pickers[0], weights, alpha, p_width, p_height] + others,
+                          others + block_outputs + [arch_html, p_width, p_height], show_progress="hidden")
+        method_outputs = others + [alpha, beta, block_area] + param_controls + [method_help]
+        # .change also follows a loaded recipe (visibility only); a method the user picks resets the parameters
+        method_dd.change(board.on_method_view, [method_dd], method_outputs, show_progress="hidden")
+        method_dd.input(board.on_method, [method_dd], method_outputs, show_progress="hidden")
+        # .input: the user's pick only — the label "custom" set by block_state must not re-apply anything
+        preset.input(board.on_preset, [preset, pickers[0]], block_outputs, show_progress="hidden")
+        alpha.release(board.on_alpha, [alpha, pickers[0]], block_outputs, show_progress="hidden")
         for name, slider in sliders.items():
-            slider.release(_bind(board.on_slider, name), [slider, weights, pickers[0], alpha], [weights, curve],
+            slider.release(_bind(board.on_slider, name), [slider, weights, pickers[0], alpha], block_outputs,
                            show_progress="hidden")
         for event in (weights.submit, weights.blur):
-            event(board.on_weights_text, [weights, pickers[0], alpha], ordered_sliders + [weights, curve, status],
-                  show_progress="hidden")
+            event(board.on_weights_text, [weights, pickers[0], alpha], block_outputs, show_progress="hidden")
         for control in recipe_inputs:
             control.change(board.on_change, recipe_inputs, [status], show_progress="hidden")
         live.change(board.on_live, [live] + recipe_inputs, [status], show_progress="hidden")
@@ -182,17 +206,18 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
             return board.on_save(name, dtype, vae, over, *vals, progress=progress)
 
         save_event = save_btn.click(save_fn, [save_name, save_dtype, save_vae, overwrite] + recipe_inputs, [save_result])
-        save_event.then(board.on_refresh, [pickers[0]] + others, pickers + [recipe_src, save_vae], show_progress="hidden")
+        save_event.then(board.on_refresh, [pickers[0]] + others, list_outputs, show_progress="hidden")
         save_event.then(None, None, None, **_js_kwargs("() => { if (window.mergeboardAfterSave) mergeboardAfterSave(); }"))
         cancel_btn.click(board.on_cancel, None, [save_result], queue=False)
-        load_btn.click(board.on_load_recipe, [recipe_src], pickers + [method_dd, alpha, beta, weights, seed, save_dtype]
-                       + param_controls + [status])
+        load_btn.click(board.on_load_recipe, [recipe_src], pickers + [method_dd, alpha, beta, seed, save_dtype]
+                       + param_controls + block_outputs + [recipe_msg])
     board.components = dict(
         pickers=pickers, method=method_dd, alpha=alpha, beta=beta, weights=weights, seed=seed, params=param_controls,
         sliders=sliders, preset=preset, curve=curve, diff_plot=diff_plot, live=live, preview=preview_btn,
         image=p_image, infotext=p_info, save_name=save_name, save_dtype=save_dtype, save_vae=save_vae,
         overwrite=overwrite, save=save_btn, cancel=cancel_btn, save_result=save_result, recipe_src=recipe_src,
-        load=load_btn, status=status, refresh=refresh, compare=compare, arch=arch_html,
+        load=load_btn, status=status, refresh=refresh, compare=compare, arch=arch_html, weights_msg=weights_msg,
+        recipe_msg=recipe_msg, width=p_width, height=p_height,
     )
     return ui, board
 

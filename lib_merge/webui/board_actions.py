@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from ..blocks import format_block_weights, parse_block_weights
+from ..blocks import parse_block_weights
 from ..errors import MergeCancelled, MergeError, OutputPathError
 from ..methods import get_method
 from .board_base import LETTERS, NO_VAE, BoardBase, _num
@@ -116,7 +116,7 @@ class ActionHandlers(BoardBase):
             if vae_title and vae_title != NO_VAE:
                 vae = next((str(v.path) for v in self.host.vaes() if v.title == vae_title), None)
                 if vae is None:
-                    raise MergeError(f"VAE {vae_title!r} is not in the list any more; press 🔄")
+                    raise MergeError(f"VAE {vae_title!r} is not in the list any more; press Refresh")
             recipe = self.recipe(self.parse_ui(values), dtype=dtype or settings.dtype, vae=vae)
             if path.exists() and not overwrite:
                 raise OutputPathError(f"{path.name} already exists in {folder}; tick 'Overwrite' or choose another name")
@@ -140,6 +140,7 @@ class ActionHandlers(BoardBase):
             result = merge(recipe, path, threads=settings.threads or None, overwrite=bool(overwrite),
                            progress=report, cancel=self._cancel)
         except MergeCancelled:
+            self.log(f"[Merge Board] save of {path.name} cancelled; no file was written")
             return _html_message(f"save cancelled; no file was written ({path.name})", "warn")
         except MergeError as exc:
             return _html_message(f"save failed: {exc}", "error")
@@ -158,6 +159,8 @@ class ActionHandlers(BoardBase):
             return _html_message(f"saved {result.path} but the checkpoint list did not refresh ({exc})", "warn")
         self.checkpoints(refresh=True)
         short = f" [{result.short_hash}]" if result.short_hash else ""
+        self.log(f"[Merge Board] saved {result.path}{short}: {recipe.method}, {len(recipe.models)} models, "
+                 f"{result.bytes_written / 2**20:.0f} MiB in {result.seconds:.1f} s")
         return _html_message(f"saved {result.path.name}{short} in {result.seconds:.1f} s to {result.path.parent}; it is in the checkpoint list now")
 
     def on_cancel(self):
@@ -168,7 +171,7 @@ class ActionHandlers(BoardBase):
         """Fill the board from the recipe embedded in a merged file."""
         from ..recipe import load_recipe
 
-        n_out = len(LETTERS) + 6 + len(self.param_names)
+        n_out = len(LETTERS) + 5 + len(self.param_names)
         try:
             path = self.path_of(title)
             if path is None:
@@ -176,7 +179,7 @@ class ActionHandlers(BoardBase):
             recipe = load_recipe(path)
             method = get_method(recipe.method)
         except MergeError as exc:
-            return [_update() for _ in range(n_out)] + [_html_message(str(exc), "error")]
+            return [_update() for _ in range(n_out)] + self._unchanged_blocks() + [_html_message(str(exc), "error")]
         titles = []
         for ref in recipe.models:
             t = self.title_of(Path(ref)) if Path(ref).exists() else None
@@ -185,16 +188,17 @@ class ActionHandlers(BoardBase):
         missing = [Path(r).name for r, t in zip(recipe.models, titles) if t == r and Path(r).suffix]
         a_arch = self.arch_name(titles[0]) if titles[0] else "sd1"
         alpha = recipe.alpha if recipe.alpha is not None else 0.5
-        weights = parse_block_weights(recipe.weights, a_arch, base=alpha) if "alpha" in method.block_params else {}
         out = [_update(value=t) for t in titles[: len(LETTERS)]]
         out += [_update(value=method.name), _update(value=alpha), _update(value=recipe.beta if recipe.beta is not None else 0.5),
-                _update(value=format_block_weights(weights, a_arch) if weights else ""), _update(value=recipe.seed),
-                _update(value=recipe.dtype)]
+                _update(value=recipe.seed), _update(value=recipe.dtype)]
         for name in self.param_names:
             out.append(_update(value=recipe.params[name]) if name in recipe.params else _update())
+        # the blocks go through the same path as every other change: string, sliders, curve, preset label
+        out += self.block_state(a_arch, parse_block_weights(recipe.weights, a_arch, base=alpha))
         note = f"loaded the recipe of {Path(path).name}"
         if missing:
             note += f"; missing models: {', '.join(missing)}"
+        self.log(f"[Merge Board] {note}")
         return out + [_html_message(note, "warn" if missing else "info")]
 
 

@@ -56,6 +56,10 @@ class BoardBase:
         self._cancel = threading.Event()
         self._checkpoints: list[Checkpoint] = []
 
+    def log(self, message: str) -> None:
+        """One console line (the session's logger: the hosts print with a flush)."""
+        self.session.log(message)
+
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoints(self, refresh: bool = False) -> list[Checkpoint]:
         if refresh or not self._checkpoints:
@@ -80,7 +84,7 @@ class BoardBase:
 
         if isinstance(parse_model_ref(title), VirtualInput):
             return None
-        raise MergeError(f"model {title!r} is not in the checkpoint list any more; press 🔄 to refresh")
+        raise MergeError(f"model {title!r} is not in the checkpoint list any more; press Refresh to refresh")
 
     def title_of(self, path: Optional[Path]) -> Optional[str]:
         if path is None:
@@ -147,10 +151,10 @@ class BoardBase:
             path = self.path_of(title)
             refs.append(str(path) if path is not None else title)
         if not refs or not Path(refs[0]).is_file():
-            raise MergeError(f"model A ({ui.models[0]}) is missing on disk; press 🔄 to refresh the list")
+            raise MergeError(f"model A ({ui.models[0]}) is missing on disk; press Refresh to refresh the list")
         missing = [r for r in refs if not Path(r).is_file() and ("(" not in r and r != "zero")]
         if missing:
-            raise MergeError(f"{Path(missing[0]).name} is missing on disk; press 🔄 to refresh the list")
+            raise MergeError(f"{Path(missing[0]).name} is missing on disk; press Refresh to refresh the list")
         arch = self.arch_name(ui.models[0])
         for letter, ref in zip(LETTERS[1:], refs[1:]):
             other = arch_cache().arch(Path(ref)) if Path(ref).is_file() else None
