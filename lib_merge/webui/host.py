@@ -226,7 +226,7 @@ class LiveSession:
                 self.live.close()
                 self.live = None
             if recipe is None:
-                return self.live.restore() if self.live is not None else None
+                return self._logged(self.live.restore(), "restored model A") if self.live is not None else None
             if target is None:
                 raise LiveMergeError(
                     "no model is loaded in the WebUI; load model A (or generate once) before the live preview"
@@ -242,7 +242,7 @@ class LiveSession:
                 self.message = str(exc)
                 raise
             self.message = report.summary()
-            return report
+            return self._logged(report)
 
     # -- generation hooks (already under the host's queue lock: never take it here) ---------------------
     def before_generation(self, p: Any) -> None:
@@ -272,7 +272,7 @@ class LiveSession:
                 self._note(p, f"[Merge Board] {Path(loaded).name} is loaded, not model A "
                               f"({Path(recipe.models[0]).name}): this generation runs without the live merge")
                 self.message = (f"the last generation ran without the merge: {Path(loaded).name} is loaded, not "
-                                f"model A — pick it as A (🔄 refreshes the lists) or load A")
+                                f"model A — pick it as A (Refresh re-reads the lists) or load A")
                 if self.live is not None:
                     self.sync(to_a=True)
                 if params is not None:
@@ -280,8 +280,6 @@ class LiveSession:
                     self._infotext_keys.add("Merge Board")
                 return
             report = self.sync(overrides)
-        if report is not None and report.keys:
-            self.log(f"[Merge Board] {report.summary()}")
         if recipe is not None and params is not None:
             items = {INFOTEXT_RECIPE: recipe_infotext(recipe)}
             items.update(infotext_items(overrides or {}))
@@ -307,9 +305,16 @@ class LiveSession:
         with self._lock:
             if self.live is None:
                 return None
-            report = self.live.restore()
+            report = self._logged(self.live.restore(), "restored model A")
             self.message = "restored model A" if report.keys else self.message
             return report
+
+    def _logged(self, report, what: str = ""):
+        """One console line per patch or restore that wrote weights (generation, preview, the tab)."""
+        if report is not None and report.keys:
+            text = f"{what} ({report.keys} tensors in {report.seconds * 1000:.0f} ms)" if what else report.summary()
+            self.log(f"[Merge Board] {text}")
+        return report
 
     def model_loaded(self, model_object: Any = None) -> None:
         """The host loaded weights (another checkpoint or a reload). A patched object that is still
