@@ -1,4 +1,4 @@
-"""Per-instance hooks that apply PAG, SEG and FreeU inside any ldm-layout U-Net.
+"""Per-instance hooks that apply PAG, SEG, NAG and FreeU inside any ldm-layout U-Net.
 
 Hosts swap the attention *class* ``forward`` for their optimised kernels (A1111's
 sd_hijack_optimizations, xformers, sdp, ...). We never patch a class: forward hooks on each chosen
@@ -8,7 +8,13 @@ only explicit batch rows, so one batched forward can carry ``[c, u, c_pag, c_seg
 
 Block names: ``M00`` = ``middle_block``, ``INnn`` = ``input_blocks.nn``, ``OUTnn`` =
 ``output_blocks.nn``; a spec is ``"all"`` or a comma list of names and same-kind ranges
-(``"IN07,IN08"``, ``"OUT00-OUT02"``). A block means every ``transformer_blocks.*.attn1`` in it.
+(``"IN07,IN08"``, ``"OUT00-OUT02"``). A block means every ``transformer_blocks.*.attn1`` in it
+(``attn2``, the cross-attention, for NAG).
+
+NAG hooks ``attn2.to_q`` (to keep the queries) and the input of ``attn2.to_out`` (the attention
+result before the output projection, where the paper applies it), so it too works with any
+kernel. Every hook counts the forwards in which it acted (``take_effect``), for the stack's
+proof of effect: a hook that the host bypasses never counts.
 """
 from __future__ import annotations
 
@@ -20,11 +26,13 @@ from torch import nn
 
 from ..errors import BadParameterError
 from .freeu import backbone_factor, fourier_filter, freeu_patch, freeu_stage
+from .nag import multihead_attention, nag_attention
 from .pag import perturbed_self_attention
 from .seg import blur_queries, feature_hw
 
 _NAME = re.compile(r"^(IN|OUT|M)(\d{1,2})$")
 _ATTN1 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn1$")
+_ATTN2 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn2$")
 
 
 def unet_blocks(diffusion_model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -78,14 +86,17 @@ def parse_block_spec(spec: str) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def _self_attention(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(path, m) for path, m in block.named_modules() if _ATTN1.search(path)]
+def _attention(block: nn.Module, pattern: re.Pattern) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in block.named_modules() if pattern.search(path)]
 
 
-def find_attention_layers(diffusion_model: nn.Module, spec: str) -> list[tuple[str, str, nn.Module]]:
-    """(block name, module path, attn1 module) for every self-attention layer of the blocks in ``spec``."""
+def find_attention_layers(diffusion_model: nn.Module, spec: str, *, cross: bool = False) -> list[tuple[str, str, nn.Module]]:
+    """(block name, module path, module) for every self-attention (``attn1``) layer of the blocks
+    in ``spec``, or every cross-attention (``attn2``) layer with ``cross=True``."""
     blocks = unet_blocks(diffusion_model)
-    with_attention = {name: (path, _self_attention(m)) for name, path, m in blocks}
+    pattern = _ATTN2 if cross else _ATTN1
+    kind = "cross-attention" if cross else "self-attention"
+    with_attention = {name: (path, _attention(m, pattern)) for name, path, m in blocks}
     usable = [name for name, (_, layers) in with_attention.items() if layers]
     wanted = parse_block_spec(spec)
     if wanted is None:
@@ -93,12 +104,12 @@ def find_attention_layers(diffusion_model: nn.Module, spec: str) -> list[tuple[s
     unknown = [n for n in wanted if n not in with_attention]
     if unknown:
         raise BadParameterError(
-            f"layers {spec!r}: this U-Net has no block {', '.join(unknown)}; blocks with self-attention: {', '.join(usable)}"
+            f"layers {spec!r}: this U-Net has no block {', '.join(unknown)}; blocks with {kind}: {', '.join(usable)}"
         )
     empty = [n for n in wanted if not with_attention[n][1]]
     if empty:
         raise BadParameterError(
-            f"layers {spec!r}: block {', '.join(empty)} has no self-attention; choose from {', '.join(usable)}"
+            f"layers {spec!r}: block {', '.join(empty)} has no {kind}; choose from {', '.join(usable)}"
         )
     return [(n, f"{with_attention[n][0]}.{p}", m) for n in wanted for p, m in with_attention[n][1]]
 
@@ -143,6 +154,7 @@ class AttentionPerturbations(_HookSet):
         self.latent_hw = tuple(latent_hw)
         self.expected_batch: int | None = None
         self.skipped_calls = 0  # forwards whose batch did not match the rows (for diagnostics)
+        self.applied = {"PAG": 0, "SEG": 0}  # layer calls that perturbed rows, since take_effect()
         self._handles = []
         for _, _, attn in pag_layers:
             self._handles.append(attn.register_forward_hook(self._pag_hook, with_kwargs=True))
@@ -156,6 +168,11 @@ class AttentionPerturbations(_HookSet):
     def set_latent_hw(self, latent_hw: tuple[int, int]) -> None:
         self.latent_hw = tuple(latent_hw)
 
+    def take_effect(self) -> dict[str, int]:
+        """Layer calls per method that perturbed their rows since the last call (then reset)."""
+        out, self.applied = self.applied, {"PAG": 0, "SEG": 0}
+        return out
+
     def _pag_hook(self, attn, args, kwargs, output):
         rows = self.pag_rows
         if rows is None:
@@ -166,6 +183,7 @@ class AttentionPerturbations(_HookSet):
             return None
         output = _writable(output)
         output[rows] = perturbed_self_attention(attn, x[rows]).to(output.dtype)
+        self.applied["PAG"] += 1
         return output
 
     def _seg_hook(self, _to_q, _args, q):
@@ -177,6 +195,7 @@ class AttentionPerturbations(_HookSet):
             return None
         q = _writable(q)
         q[rows] = blur_queries(q[rows], feature_hw(self.latent_hw, q.shape[1]), self.seg_sigma)
+        self.applied["SEG"] += 1
         return q
 
 
@@ -213,6 +232,8 @@ class FreeUHooks(_HookSet):
         # produced; recording it at run time works for any channel layout, ControlNet included.
         self._widths: list[int | None] = [None] * n
         self._on = False
+        self.forwards_on = 0  # forwards in which FreeU was active, since take_effect()
+        self.patched = 0  # stages patched in them
         self._handles = [diffusion_model.middle_block.register_forward_hook(self._middle_done)]
         for i, block in enumerate(diffusion_model.output_blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
@@ -223,6 +244,13 @@ class FreeUHooks(_HookSet):
         self._widths[0] = out.shape[1]
         # One decision per U-Net forward, taken before the decoder starts.
         self._on = bool(self.active())
+        self.forwards_on += self._on
+
+    def take_effect(self) -> tuple[int, int]:
+        """(active forwards, patched stages) since the last call (then reset)."""
+        out = (self.forwards_on, self.patched)
+        self.forwards_on = self.patched = 0
+        return out
 
     def _make_post(self, next_index: int):
         def record(_module, _args, out):
@@ -241,6 +269,8 @@ class FreeUHooks(_HookSet):
                                 s1=s.freeu_s1, s2=s.freeu_s2)
             if joined.shape[1] <= width or stage is None:
                 return None
+            if stage[0] != 1.0 or stage[1] != 1.0:
+                self.patched += 1
             if not (torch.is_grad_enabled() and joined.requires_grad):
                 # The concatenation is a fresh tensor only this block reads: editing it in place
                 # saves the copies of a split, a clone and a second concatenation per block.
@@ -266,3 +296,95 @@ class FreeUHooks(_HookSet):
 def install_freeu(diffusion_model: nn.Module, settings, *, model_channels: int, active: Callable[[], bool]) -> FreeUHooks:
     """FreeU via forward pre-hooks on ``output_blocks[i]`` (input = cat([h, h_skip])); applied while ``active()``."""
     return FreeUHooks(diffusion_model, settings, model_channels, active)
+
+
+class NagHooks(_HookSet):
+    """Handle of installed NAG hooks on ``attn2`` layers; rows and negative context change per forward.
+
+    ``set_rows(rows, negative)``: ``rows`` are the batch rows to guide (slices, in order) and
+    ``negative`` the NAG negative context with one row per guided row (or one row for all),
+    a (rows, tokens, context_dim) tensor; SDXL's dict conditioning passes its ``crossattn``.
+    """
+
+    def __init__(self, layers, *, scale: float, tau: float, alpha: float):
+        self.layers = layers
+        self.scale, self.tau, self.alpha = float(scale), float(tau), float(alpha)
+        self.rows: list[slice] = []
+        self.negative: torch.Tensor | None = None
+        self.expected_batch: int | None = None
+        self.skipped_calls = 0
+        self._queries: dict[int, torch.Tensor] = {}
+        self._reset_effect()
+        self._handles = []
+        for _, _, attn in layers:
+            to_out = attn.to_out
+            target = to_out[0] if isinstance(to_out, nn.ModuleList) and not isinstance(to_out, nn.Sequential) else to_out
+            self._handles.append(attn.to_q.register_forward_hook(self._keep_queries(attn)))
+            self._handles.append(target.register_forward_pre_hook(self._guide(attn)))
+
+    def _reset_effect(self) -> None:
+        self.applied, self.max_change, self.max_reference = 0, 0.0, 0.0
+
+    def set_rows(self, rows: list[slice], negative: torch.Tensor | None, batch_size: int | None = None) -> None:
+        self.rows = [r for r in rows if r.stop is None or r.stop > (r.start or 0)]
+        self.negative = negative
+        self.expected_batch = batch_size
+        self._queries.clear()
+
+    def take_effect(self) -> tuple[int, float, float]:
+        """(layer calls guided, max |Ẑ_out − Z⁺|, max |Z⁺|) since the last call (then reset)."""
+        out = (self.applied, self.max_change, self.max_reference)
+        self._reset_effect()
+        return out
+
+    def _index(self, batch: int, device) -> torch.Tensor | None:
+        if not self.rows or self.negative is None:
+            return None
+        if self.expected_batch is not None and batch != self.expected_batch:
+            return None
+        if any((r.stop or batch) > batch for r in self.rows):
+            return None
+        return torch.cat([torch.arange(batch, device=device)[r] for r in self.rows])
+
+    def _keep_queries(self, attn):
+        def hook(_to_q, _args, q):
+            if self.rows and self.negative is not None:
+                self._queries[id(attn)] = q
+            return None
+
+        return hook
+
+    def _guide(self, attn):
+        def pre_hook(_to_out, args):
+            q = self._queries.pop(id(attn), None)
+            if q is None or not args:
+                return None
+            z = args[0]
+            index = self._index(z.shape[0], z.device)
+            if index is None or q.shape[0] != z.shape[0]:
+                self.skipped_calls += 1
+                return None
+            negative = self.negative.to(device=z.device, dtype=attn.to_k.weight.dtype)
+            if negative.shape[0] not in (1, index.numel()):
+                self.skipped_calls += 1
+                return None
+            k, v = attn.to_k(negative), attn.to_v(negative)
+            if k.shape[0] == 1 and index.numel() > 1:
+                k, v = k.expand(index.numel(), -1, -1), v.expand(index.numel(), -1, -1)
+            z_pos = z[index]
+            z_neg = multihead_attention(q[index], k.to(q.dtype), v.to(q.dtype), attn.heads)
+            guided = nag_attention(z_pos, z_neg.to(z_pos.dtype), self.scale, self.tau, self.alpha)
+            self.applied += 1
+            self.max_change = max(self.max_change, float((guided.float() - z_pos.float()).abs().max()))
+            self.max_reference = max(self.max_reference, float(z_pos.detach().abs().max()))
+            z = _writable(z)
+            z[index] = guided
+            return (z,) + tuple(args[1:])
+
+        return pre_hook
+
+
+def install_nag(diffusion_model: nn.Module, *, layers: str, scale: float, tau: float, alpha: float) -> NagHooks:
+    """Hook NAG onto the cross-attention of the blocks in ``layers``; guided rows are set per forward."""
+    found = find_attention_layers(diffusion_model, layers, cross=True)
+    return NagHooks(found, scale=scale, tau=tau, alpha=alpha)

@@ -5,6 +5,11 @@ forward with explicit rows ``[c…, u…, c_pag…, c_seg…]``, point the atten
 split the output by role, and combine. With ``batched=False`` it runs one forward per role
 instead (for benchmarks and equivalence tests). It is a k-diffusion-style model
 ``D = denoiser(x, sigma)`` and carries ``cfgpp_state`` for the CFG++ samplers.
+
+Steps are sampler steps: ``calls_per_step=2`` for samplers that evaluate the model twice per
+step (Heun, DPM2, DPM++ SDE, ...; A1111's ``second_order`` flag), so both calls share the step
+that windows, schedules, APG's momentum and CFG-Zero*'s zero-init count. After each forward it
+tells the stack what the PAG/SEG/NAG/FreeU hooks did (proof of effect), as an adapter must.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 from .cfg import CondRows, CondsList
-from .hooks import install_attention_perturbations, install_freeu
+from .hooks import install_attention_perturbations, install_freeu, install_nag
 from .stack import GuidanceStack, StepPlan
 
 
@@ -34,6 +39,11 @@ def _n_rows(cond: Any) -> int:
     return next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
 
 
+def _context(cond: Any) -> torch.Tensor:
+    """The cross-attention context of a conditioning (SDXL dicts carry it as ``crossattn``)."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
 class GuidedDenoiser:
     """``denoiser(x, sigma) -> D`` for an image batch, guided by ``stack``; call ``close()`` when done."""
 
@@ -48,6 +58,8 @@ class GuidedDenoiser:
         conds_list: CondsList | None = None,
         batched: bool = True,
         model_channels: int | None = None,
+        nag_negative: Any = None,
+        calls_per_step: int = 1,
     ):
         self.inner = inner
         self.stack = stack
@@ -55,9 +67,13 @@ class GuidedDenoiser:
         self.n_cond, self.n_uncond = _n_rows(cond), _n_rows(uncond)
         self.rows = CondRows(conds_list, self.n_cond, self.n_uncond)
         self.batched = batched
-        self.step = 0
+        self.calls_per_step = int(calls_per_step)
+        self.calls = 0
+        # Per model call (not per sampler step, despite the names kept for existing readers).
         self.rows_per_step: list[int] = []
         self.forwards_per_step: list[int] = []
+        # NAG's negative context, one row per image (default: the uncond); per cond row below.
+        self.nag_negative = self.rows.per_row(_context(uncond if nag_negative is None else nag_negative))
         s = stack.settings
         self._perturb = None
         if stack.pag_on or stack.seg_on:
@@ -66,6 +82,10 @@ class GuidedDenoiser:
                 pag_layers=s.pag_layers if stack.pag_on else "", seg_layers=s.seg_layers if stack.seg_on else "",
                 seg_sigma=s.seg_sigma, latent_hw=(1, 1),
             )
+        self._nag = None
+        if stack.nag_on:
+            self._nag = install_nag(diffusion_model, layers=s.nag_layers, scale=s.nag_scale, tau=s.nag_tau, alpha=s.nag_alpha)
+        self._seen: dict = {}
         self._freeu = None
         if stack.freeu_on:
             channels = model_channels or diffusion_model.model_channels
@@ -74,8 +94,18 @@ class GuidedDenoiser:
             )
 
     @property
+    def step(self) -> int:
+        """The sampler step of the current model call."""
+        return self.calls // self.calls_per_step
+
+    @property
     def cfgpp_state(self):
         return self.stack.cfgpp_state
+
+    @property
+    def effects(self):
+        """The stack's proof-of-effect report."""
+        return self.stack.effects
 
     def _role_inputs(self, role: str, x: torch.Tensor):
         if role == "uncond":
@@ -90,12 +120,18 @@ class GuidedDenoiser:
             xs.append(x_r)
             sigmas.append(self.rows.per_row(sigma) if role != "uncond" else sigma)
             conds.append(c_r)
-        sub = StepPlan(step=plan.step, roles=roles, cfg_scale=plan.cfg_scale, host_cfg_scale=plan.host_cfg_scale)
+        sub = StepPlan(step=plan.step, roles=roles, cfg_scale=plan.cfg_scale, host_cfg_scale=plan.host_cfg_scale, nag=plan.nag)
         rows = sub.rows(self.n_cond, self.n_uncond)
+        batch = sum(t.shape[0] for t in xs)
         if self._perturb is not None:
             self._perturb.set_latent_hw(tuple(x.shape[-2:]))
-            self._perturb.set_rows(pag_rows=rows.get("pag"), seg_rows=rows.get("seg"), batch_size=sum(t.shape[0] for t in xs))
+            self._perturb.set_rows(pag_rows=rows.get("pag"), seg_rows=rows.get("seg"), batch_size=batch)
+        if self._nag is not None:
+            guided = sub.nag_rows(self.n_cond, self.n_uncond)
+            negative = torch.cat([self.nag_negative] * len(guided)) if guided else None
+            self._nag.set_rows(guided, negative, batch_size=batch)
         out = self.inner(torch.cat(xs), torch.cat(sigmas), cond=_cat_conds(conds))
+        self._collect_hook_effects()
         self.rows_per_step[-1] += out.shape[0]
         self.forwards_per_step[-1] += 1
         return {role: out[r] for role, r in rows.items()}
@@ -104,26 +140,62 @@ class GuidedDenoiser:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        plan = self.stack.plan(self.step)
+        plan = self.stack.plan(self.step, sigma=sigma)
         self.rows_per_step.append(0)
         self.forwards_per_step.append(0)
+        self._seen = {}
         if self.batched:
             outs = self._forward(plan.roles, x, sigma, plan)
         else:
             outs = {}
             for role in plan.roles:
                 outs.update(self._forward((role,), x, sigma, plan))
+        if self.stack.effects.any_pending:
+            self._report_hooks(plan)
         denoised = self.stack.combine(
             plan, self.step, x=x, sigma=sigma, d_cond=outs["cond"], d_uncond=outs.get("uncond"),
             d_pag=outs.get("pag"), d_seg=outs.get("seg"), conds_list=self.conds_list,
         )
-        self.step += 1
+        self.calls += 1
         return denoised
 
+    def _collect_hook_effects(self) -> None:
+        seen = self._seen
+        if self._perturb is not None:
+            for method, n in self._perturb.take_effect().items():
+                seen[method] = seen.get(method, 0) + n
+        if self._nag is not None:
+            applied, change, reference = self._nag.take_effect()
+            n, c, r = seen.get("NAG", (0, 0.0, 0.0))
+            seen["NAG"] = (n + applied, max(c, change), max(r, reference))
+        if self._freeu is not None:
+            forwards, patched = self._freeu.take_effect()
+            f, p = seen.get("FreeU", (0, 0))
+            seen["FreeU"] = (f + forwards, p + patched)
+
+    def _report_hooks(self, plan: StepPlan) -> None:
+        """Tell the stack what the hooks did in this call's forwards (adapters do the same)."""
+        seen, stack = self._seen, self.stack
+        for method, on in (("PAG", plan.pag_scale), ("SEG", plan.seg_scale)):
+            if on and method in seen:
+                stack.note_hook(method, reached=seen[method] > 0)
+        if plan.nag and "NAG" in seen:
+            applied, change, reference = seen["NAG"]
+            stack.note_hook("NAG", reached=applied > 0, max_change=change, reference=reference,
+                            reason="its guided attention equals the cond's (φ = 1, α = 0, or a negative equal to the cond)")
+        if plan.freeu and "FreeU" in seen:
+            forwards, patched = seen["FreeU"]
+            if forwards and not patched:
+                stack.note_hook("FreeU", reached=True, max_change=0.0, reference=1.0,
+                                reason="every stage factor is 1, or no decoder stage has the 4×/2× model-channel width")
+            else:
+                stack.note_hook("FreeU", reached=forwards > 0)
+
     def close(self) -> None:
-        for handle in (self._perturb, self._freeu):
+        for handle in (self._perturb, self._nag, self._freeu):
             if handle is not None:
                 handle.remove()
+        self.stack.finish()
 
     def __enter__(self):
         return self

@@ -23,6 +23,14 @@ c ≡ u (untitled) it is skipped, because D_u = D_c exactly; a host reader still
 unless the adapter hands it the cond rows in place of the skipped ones
 (``cond_stands_in_for_uncond``). When skipped, each image's D_u is the weight-normalised mean of
 its sub-prompt predictions (with one sub-prompt: D_u = D_c, so the CFG term vanishes).
+
+The alternative combiners (APG, CFG-Zero*, TCFG, MaHiRo, Skimmed CFG, FDG; ``combiners``) replace
+``D_u + w·Δ``; the PAG/SEG terms, dynamic thresholding and rescale then act on their result as on
+plain CFG (SANF fuses the combiner's term ``D_cfg − D_u``). A CFG-Zero* zero-init step returns x
+and runs only the cond rows. NAG acts inside the U-Net on the cond rows and their perturbed
+copies (``StepPlan.nag_rows``) and reads no D_u. The CFG interval sets w = 1 at a σ outside it,
+where the CFG-axis methods (combiner, dynamic thresholding) have nothing to do and the uncond is
+skipped unless something else reads it. ``effects`` is the proof-of-effect report (``effect``).
 """
 from __future__ import annotations
 
@@ -32,8 +40,12 @@ import torch
 
 from ..errors import BadParameterError
 from .cfg import CondRows, CondsList
+from .apg import ApgMomentum
 from .cfgpp import CfgppState
+from .combiners import LABELS, combine_predictions, reads_uncond
 from .dynthres import DynThresholdConfig, dynamic_threshold
+from .effect import EffectReport
+from .interval import SigmaInterval
 from .rescale import RESCALE_SPACE, cfg_rescale
 from .sanf import sanf_fuse
 from .settings import GuidanceSettings
@@ -60,6 +72,14 @@ class StepPlan:
     mimic_scale: float = 0.0
     cfgpp: bool = False
     freeu: bool = False
+    combiner: str = "cfg"
+    zero_init: bool = False  # a CFG-Zero* zero-init step: D = x
+    nag: bool = False
+    interval_off: bool = False  # σ outside the CFG interval: w forced to 1
+
+    def nag_rows(self, n_cond: int, n_uncond: int) -> list[slice]:
+        """Rows NAG acts on: the cond rows and their perturbed copies (never the uncond rows)."""
+        return [r for role, r in self.rows(n_cond, n_uncond).items() if role != "uncond"] if self.nag else []
 
     def rows(self, n_cond: int, n_uncond: int) -> dict[str, slice]:
         """Row range of each role in the batched forward: cond, uncond, then one cond copy per perturbed pass."""
@@ -82,12 +102,16 @@ class StepPlan:
             and self.rescale_phi == 0
             and self.dynthres is None
             and not self.cfgpp
+            and self.combiner == "cfg"
+            and not self.zero_init
             and self.cfg_scale == self.host_cfg_scale
         )
 
 
 class GuidanceStack:
-    """Composes CFG, CFG++, PAG, SEG, SANF, rescale and dynamic thresholding for one sampling pass."""
+    """Composes CFG or one alternative combiner, CFG++, PAG, SEG, SANF, NAG, the CFG interval,
+    rescale and dynamic thresholding for one sampling pass (a new pass needs a new stack: it
+    holds the pass's state, APG's momentum and the proof-of-effect report)."""
 
     def __init__(
         self,
@@ -125,16 +149,51 @@ class GuidanceStack:
         self.freeu_window = StepWindow(s.freeu_start, s.freeu_end)
         self.rescale_space = RESCALE_SPACE
         self.cfgpp_state = CfgppState()
+        combiner = s.combiner
+        self.combiner = combiner if combiner != "cfg" and live(True, getattr(s, f"{combiner}_hires")) else "cfg"
+        self.nag_on = live(s.nag_on, s.nag_hires)
+        self.nag_window = StepWindow(s.nag_start, s.nag_end)
+        self.interval = (SigmaInterval(s.cfg_interval_low, s.cfg_interval_high)
+                         if live(s.cfg_interval, s.cfg_interval_hires) else None)
+        self.apg_momentum = ApgMomentum()
+        self.effects = EffectReport(self.active_methods())
+
+    def active_methods(self) -> list[str]:
+        """Names of the methods this pass runs, as the proof-of-effect report names them."""
+        on = [
+            (LABELS[self.combiner], self.combiner != "cfg"),
+            ("PAG", self.pag_on),
+            ("SEG", self.seg_on),
+            ("NAG", self.nag_on),
+            ("FreeU", self.freeu_on),
+            ("CFG interval", self.interval is not None),
+            ("dynamic thresholding", self.dynthres is not None),
+            ("CFG rescale", self.rescale_phi > 0),
+        ]
+        return [name for name, active in on if active]
+
+    def finish(self) -> None:
+        """End of the pass: methods never checked are reported as never active."""
+        if self.effects.pending("CFG interval"):
+            self.effects.resolve("CFG interval", False, 0.0, "the σ of every step lay inside the interval")
+        self.effects.finish()
+
+    def note_hook(self, method: str, **seen) -> None:
+        """What a U-Net hook of ``method`` saw this step (see ``EffectReport.note_hook``)."""
+        self.effects.note_hook(method, **seen)
 
     def freeu_active(self, step: int) -> bool:
         """Whether FreeU patches the decoder at ``step``."""
         return self.freeu_on and self.freeu_window.contains(step, self.total_steps)
 
-    def plan(self, step: int, *, force_uncond: bool = False, host_reads_uncond: bool = False) -> StepPlan:
-        """Passes and scales of 0-based ``step``.
+    def plan(self, step: int, *, sigma=None, force_uncond: bool = False, host_reads_uncond: bool = False) -> StepPlan:
+        """Passes and scales of 0-based sampler ``step`` (not the model call: both calls of a
+        second-order step share it, which is what APG's momentum and CFG-Zero*'s zero-init count).
 
-        ``force_uncond`` keeps the uncond pass even where it could be skipped (``AND`` weights that
-        do not sum to 1); ``host_reads_uncond`` says the host's sampler reads the uncond rows itself.
+        ``sigma`` (a number or the per-image tensor) is the call's noise level; the CFG interval
+        needs it. ``force_uncond`` keeps the uncond pass even where it could be skipped (``AND``
+        weights that do not sum to 1); ``host_reads_uncond`` says the host's sampler reads the
+        uncond rows itself.
         """
         lam_axis = self.cfgpp_on and self.dynthres is not None
         w = self.settings.cfgpp if self.cfgpp_on else self.cfg_scale
@@ -143,15 +202,26 @@ class GuidanceStack:
             scheduled, mimic = self.dynthres.scales(w, step, self.total_steps)
             if not lam_axis:
                 w = scheduled
-        pag = self.pag_on and self.pag_window.contains(step, self.total_steps)
-        seg = self.seg_on and self.seg_window.contains(step, self.total_steps)
+        dynthres = self.dynthres
+        interval_off = False
+        if self.interval is not None:
+            if sigma is None:
+                raise BadParameterError("the CFG interval needs the σ of the model call: plan(step, sigma=...)")
+            if not self.interval.contains(sigma):
+                w, dynthres, interval_off = 1.0, None, True
+        zero_init = self.combiner == "cfgzero" and step < self.settings.cfgzero_zero_init_steps
+        active = not zero_init
+        pag = active and self.pag_on and self.pag_window.contains(step, self.total_steps)
+        seg = active and self.seg_on and self.seg_window.contains(step, self.total_steps)
+        nag = active and self.nag_on and self.nag_window.contains(step, self.total_steps)
         sanf = self.settings.pag_sanf and pag
         if self.same_cond:
             # D_u would repeat D_c bit for bit, so our combine substitutes it exactly; a host
             # sampler reading the rows needs the real pass only if it would not get the cond rows.
             uncond = host_reads_uncond and not self.cond_stands_in_for_uncond
         else:
-            stack_reads = force_uncond or self.cfgpp_on or self.dynthres is not None or w != 1.0 or sanf
+            stack_reads = force_uncond or (active and (
+                self.cfgpp_on or dynthres is not None or reads_uncond(self.combiner, w, self.settings) or sanf))
             uncond = stack_reads or host_reads_uncond
         roles = ("cond",) + (("uncond",) if uncond else ()) + (("pag",) if pag else ()) + (("seg",) if seg else ())
         return StepPlan(
@@ -163,10 +233,14 @@ class GuidanceStack:
             seg_scale=self.settings.seg_scale if seg else 0.0,
             sanf=sanf,
             rescale_phi=self.rescale_phi,
-            dynthres=self.dynthres,
+            dynthres=dynthres,
             mimic_scale=mimic,
             cfgpp=self.cfgpp_on,
             freeu=self.freeu_active(step),
+            combiner=self.combiner,
+            zero_init=zero_init,
+            nag=nag,
+            interval_off=interval_off,
         )
 
     def combine(
@@ -199,16 +273,38 @@ class GuidanceStack:
             d_u = rows.weighted_mean(d_cond)
 
         delta = rows.weighted_sum(d_cond - rows.per_row(d_u))
+        checking = self.effects.any_pending
+        if checking:
+            self._check_hooks(plan)
         keep = None
         w = plan.cfg_scale
+        if plan.zero_init:
+            # CFG-Zero*'s zero-init: no move at all this step (D = x), whatever else is on.
+            guided = x.to(work)
+            if checking:
+                self.effects.measure("CFG-Zero*", d_u + w * delta, guided, "x equals the cond prediction")
+            self.cfgpp_state.record(d_u.to(out_dtype))
+            return guided.to(out_dtype)
         if plan.cfgpp and plan.dynthres is not None:
             keep = self._cfgpp_keep()
             w = keep * plan.dynthres.scales(w / keep, step, self.total_steps)[0]
-        terms = [w * delta]
+        if plan.combiner == "cfg":
+            terms = [w * delta]
+        else:
+            combined = combine_predictions(plan.combiner, self.settings, x=x.to(work), d_cond=d_u + delta,
+                                           d_uncond=d_u, scale=w, step=step, momentum=self.apg_momentum)
+            if checking:
+                self.effects.measure(LABELS[plan.combiner], d_u + w * delta, combined,
+                                     self._why_no_cfg_effect(has_uncond, plan, w))
+            terms = [combined - d_u]
+        if checking and plan.interval_off:
+            self._check_interval(has_uncond)
         if plan.pag_scale:
             if d_pag is None:
                 raise BadParameterError("plan includes the 'pag' pass but combine() got no d_pag")
             terms.append(plan.pag_scale * rows.weighted_sum(d_cond - d_pag.to(work)))
+            if checking:
+                self._check_term("PAG", terms[-1], d_u + delta)
         # SANF picks between the CFG and PAG terms. A D_u the plan skipped equals D_c (c ≡ u), so
         # the fusion stays exact; one the host skipped (NGMS, skip early CFG) means no CFG term.
         if plan.sanf and plan.pag_scale and (has_uncond or "uncond" not in plan.roles):
@@ -217,18 +313,57 @@ class GuidanceStack:
             if d_seg is None:
                 raise BadParameterError("plan includes the 'seg' pass but combine() got no d_seg")
             terms.append(plan.seg_scale * rows.weighted_sum(d_cond - d_seg.to(work)))
+            if checking:
+                self._check_term("SEG", terms[-1], d_u + delta)
         guided = d_u + sum(terms[1:], terms[0])
 
         if plan.dynthres is not None:
+            before = guided
             mimic = d_u + plan.mimic_scale * delta
             if keep is None:
                 guided = dynamic_threshold(guided, mimic, plan.dynthres)
             else:
                 guided = _threshold_cfgpp(guided, mimic, d_u, keep, plan.dynthres)
+            if checking:
+                self.effects.measure("dynamic thresholding", before, guided,
+                                     "the guided prediction's spread is within the mimic scale's")
         if plan.rescale_phi:
+            before = guided
             guided = cfg_rescale(guided, d_u + delta, plan.rescale_phi, x=x.to(work), sigma=sigma, space=self.rescale_space)
+            if checking:
+                self.effects.measure("CFG rescale", before, guided, "the guided prediction already has the cond's spread")
         self.cfgpp_state.record(d_u.to(out_dtype))
         return guided.to(out_dtype)
+
+    # -- proof of effect (see effect.py) --------------------------------------------------------
+    def _check_hooks(self, plan: StepPlan) -> None:
+        for method, on in (("NAG", plan.nag), ("FreeU", plan.freeu)):
+            if on and self.effects.pending(method):
+                self.effects.resolve_hooks([method])
+                if self.effects.pending(method):
+                    self.effects.resolve(method, False, 0.0,
+                                         "its hook reported nothing this step: not installed, or never reached")
+
+    def _check_term(self, method: str, term: torch.Tensor, d_cond_eff: torch.Tensor) -> None:
+        self.effects.measure(method, d_cond_eff, d_cond_eff + term,
+                             "its perturbed rows equal the cond rows (perturbation hook not reached?)")
+
+    def _why_no_cfg_effect(self, has_uncond: bool, plan: StepPlan, w: float) -> str:
+        if not has_uncond:
+            return "no uncond prediction (c ≡ u, or the host skipped it), so there is no CFG direction"
+        if w == 1.0:
+            return "the CFG scale is 1 this step"
+        return "with these settings it equals plain CFG"
+
+    def _check_interval(self, has_uncond: bool) -> None:
+        if self.cfg_scale == 1.0:
+            self.effects.resolve("CFG interval", False, 0.0, "the CFG scale is 1: there is no guidance to limit")
+        elif self.same_cond:
+            self.effects.resolve("CFG interval", False, 0.0, "c ≡ u: CFG has no direction to remove")
+        else:
+            # The uncond the interval saves was not run, so the removed term (w − 1)·Δ is not
+            # measured; it is not zero, since c ≢ u and w ≠ 1.
+            self.effects.resolve("CFG interval", True)
 
     def _cfgpp_keep(self) -> float:
         """1 − r of this call's CFG++ step (r = σ_tgt/σ, said by the sampler before the call)."""
