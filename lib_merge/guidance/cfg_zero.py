@@ -10,7 +10,7 @@ the same on g, ε or v), which gives in D space (derived):
 
 and a zero-init step gives D = x. ComfyUI's ``CFGZeroStar`` (``comfy_extras/nodes_cfg.py``)
 computes s* the same way but rescales the denoised D_u, ``D = s*·D_u + w·(D_c − s*·D_u)``; it
-differs from the paper by (w − 1)(1 − s*)·x and is offered as ``form="comfyui"``. It has no
+is the paper's result plus (w − 1)(1 − s*)·x and is offered as ``form="comfyui"``. It has no
 zero-init.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ each with its own scale: per level ``G_ℓ = P_ℓ(D_c) + (w_ℓ − 1)(P_ℓ(D_
 
 which is what we compute (one pyramid of Δ instead of two). The pyramid is Burt-Adelson's (the
 5-tap binomial blur [1, 4, 6, 4, 1]/16 with reflect padding, then every other pixel; up: zero
-insertion and the same blur ×4, as OpenCV's pyrDown/pyrUp). pamparamm's node and the diffusers
+insertion and the same blur ×4, as OpenCV's pyrDown/pyrUp; maps under 3 pixels replicate). pamparamm's node and the diffusers
 guider use kornia's pyramid, whose up-sampler is bilinear; the bands differ slightly, the
 closed form above holds for either. Odd sides are padded by replication to even and cropped back.
 """
@@ -36,7 +36,11 @@ def low_pass(y: torch.Tensor) -> torch.Tensor:
     down = _blur(padded)[..., ::2, ::2]
     up = torch.zeros_like(padded)
     up[..., ::2, ::2] = down
-    return (4.0 * _blur(up))[..., :h, :w]
+    # Dividing by the blurred sample mask is the ×4 of pyrUp wherever reflect padding applies
+    # (the mask blurs to exactly 1/4), and keeps constants exact on maps too small to reflect.
+    mask = torch.zeros_like(padded[:1, :1])
+    mask[..., ::2, ::2] = 1.0
+    return (_blur(up) / _blur(mask))[..., :h, :w]
 
 
 def high_pass(y: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 def nag_attention(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
     """α·Ẑ + (1 − α)·Z⁺ with Ẑ the L1-normalised extrapolation φZ⁺ − (φ − 1)Z⁻ (NAG arXiv 2505.21179 eqs. 6-8)."""
     dtype = z_pos.dtype
-    pos, neg = z_pos.float(), z_neg.float()
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    pos, neg = z_pos.to(work), z_neg.to(work)
     extrapolated = pos + (scale - 1.0) * (pos - neg)
     n_pos = pos.abs().sum(dim=-1, keepdim=True)
     n_ext = extrapolated.abs().sum(dim=-1, keepdim=True)
