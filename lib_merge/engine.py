@@ -445,7 +445,9 @@ def _copy_checked(plan: MergePlan, job: KeyJob, source: torch.Tensor) -> Iterato
     while it is in cache. Integer tensors and markers pass untouched (``all_finite``)."""
     flat = source.reshape(-1)
     cast = flat.dtype != job.out_dtype
-    out_buf = _buffers.get(-1, job.out_dtype) if cast else None
+    out_buf = _buffers.get(-1, job.out_dtype, CHUNK_ELEMENTS) if cast else None
+    # a cast makes no NaN; it makes Inf only where the output's range is narrower (fp32 → fp16)
+    narrowing = cast and flat.is_floating_point() and torch.finfo(job.out_dtype).max < torch.finfo(flat.dtype).max
     for start in range(0, flat.numel(), CHUNK_ELEMENTS) if flat.numel() else [0]:
         part = flat[start:start + CHUNK_ELEMENTS]
         if not all_finite(part):
@@ -459,7 +461,7 @@ def _copy_checked(plan: MergePlan, job: KeyJob, source: torch.Tensor) -> Iterato
             continue
         out = out_buf[: part.numel()]
         out.copy_(part)
-        if not all_finite(out):
+        if narrowing and not all_finite(out):
             raise NonFiniteError(
                 f"{job.key}: values of {_source_label(plan, job.sources[0])} exceed the range of {job.out_dtype}; "
                 "use --dtype bf16 or fp32"
