@@ -3,6 +3,8 @@ and the real sources): registration, the live-preview hook under the queue lock,
 checkpoint changes, X/Y/Z merge axes, Preview, Save and the bad-input paths."""
 from __future__ import annotations
 
+import re
+
 import errno
 import html
 import os
@@ -297,7 +299,7 @@ def test_a1111_xyz_block_axis_patches_one_block_per_cell_and_restores(a1111):
     del scripts
 
 
-def test_a1111_preview_button_uses_the_host_processing(a1111, tmp_path):
+def test_a1111_preview_button_uses_the_host_processing(a1111, tmp_path, capsys):
     board = a1111.board
     values = _board_values(a1111)
     image, infotext, status = board.on_preview("", "", 3, 4, 64, 64, 5.0, *values)
@@ -307,6 +309,10 @@ def test_a1111_preview_button_uses_the_host_processing(a1111, tmp_path):
 
     assert image.info["fingerprint"] == fingerprint(merged)
     assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("a"))) == []  # live preview off: restored
+    # one console line for the patch (blocks, tensors, ms) and one for the restore
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[Merge Board]")]
+    assert any(re.search(r"patched \d+ tensors in \d+ block\(s\) .* in \d+ ms", line) for line in lines), lines
+    assert any(re.search(r"restored model A \(\d+ tensors in \d+ ms\)", line) for line in lines), lines
 
 
 def test_a1111_save_refreshes_the_checkpoint_list_and_recipe_loads_back(a1111):
