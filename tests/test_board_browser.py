@@ -118,8 +118,7 @@ def _drag(page, block: str, fraction: float) -> None:
     """Drag a block slider from its thumb to ``fraction`` of its track."""
     track = page.locator(f"#mergeboard_w_{block} input[type=range]").bounding_box()
     box = page.locator(f"#mergeboard_w_{block} input[type=range]")
-    lo, hi, now = (float(box.get_attribute(a)) for a in ("min", "max")), None, _slider(page, block)
-    lo, hi = float(box.get_attribute("min")), float(box.get_attribute("max"))
+    lo, hi, now = float(box.get_attribute("min")), float(box.get_attribute("max")), _slider(page, block)
     y = track["y"] + track["height"] / 2
     page.mouse.move(track["x"] + track["width"] * (now - lo) / (hi - lo), y)
     page.mouse.down()
