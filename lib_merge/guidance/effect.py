@@ -95,7 +95,8 @@ class EffectReport:
         ``reference`` (the largest magnitude it was compared with).
         """
         if not reached:
-            reason = reason or "its hook was not reached: the host replaced the layers or the hook was removed"
+            # ``reason`` explains a reached hook that changed nothing; unreached says more.
+            reason = "its hook was not reached: the host replaced the layers or the hook was removed"
         self._hooks[method] = (reached, max_change, reference, reason)
 
     def resolve_hooks(self, methods) -> None:
