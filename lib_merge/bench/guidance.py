@@ -1,8 +1,9 @@
 """Guidance benchmark on the tiny U-Net: ``python -m lib_merge bench guidance [--sizes 32x32,48x32]``.
 
 For each latent size it prints the U-Net rows and forwards per step and the best time per
-step of CFG, CFG+PAG, CFG+PAG+SEG and untitled+PAG, batched (one forward) and unbatched (one
-forward per pass). Then the cost of CFG++, CFG rescale, dynamic thresholding and FreeU relative
+step of CFG, CFG+PAG, CFG+PAG+SEG, untitled+PAG, CFG+NAG and untitled+NAG, batched (one forward)
+and unbatched (one forward per pass). Then the per-step overhead of each alternative combiner
+(APG, CFG-Zero*, TCFG, MaHiRo, Skimmed CFG, FDG) and of the CFG interval over plain CFG's combine. Then the cost of CFG++, CFG rescale, dynamic thresholding and FreeU relative
 to a plain-CFG step, measured directly: the extra work timed on its own over many repeats, and
 FreeU's hooks timed inside real forwards. On a shared CPU the step-to-step noise is larger than
 a 2 % effect; FreeU is also shown as an interleaved A/B of whole forwards.
@@ -34,6 +35,18 @@ CASES = {
     "CFG+PAG": ({"pag_scale": 3.0}, 7.0, False),
     "CFG+PAG+SEG": ({"pag_scale": 3.0, "seg_scale": 3.0, "seg_sigma": math.inf}, 7.0, False),
     "untitled+PAG": ({"untitled": "zero", "pag_scale": 3.0}, 1.0, True),
+    "CFG+NAG": ({"nag_scale": 4.0}, 7.0, False),
+    # NAG needs a non-zero cond (zero conditioning has zero keys/values), so untitled "empty".
+    "untitled+NAG": ({"untitled": "empty", "nag_scale": 4.0}, 1.0, True),
+}
+COMBINER_CASES = {
+    "APG": {"apg_enabled": True},
+    "CFG-Zero*": {"cfgzero_enabled": True},
+    "TCFG": {"tcfg_enabled": True},
+    "MaHiRo": {"mahiro_enabled": True},
+    "Skimmed CFG": {"skimmed_enabled": True},
+    "FDG": {"fdg_enabled": True},
+    "CFG interval": {"cfg_interval": True, "cfg_interval_high": 100.0},
 }
 TARGETS = {"CFG++": 2.0, "rescale": 2.0, "dynthres": 2.0, "FreeU": 5.0}
 _clock = time.perf_counter
@@ -48,11 +61,12 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def _step_times(unet, settings, cfg_scale, same_cond, batched, x, steps, cond, uncond):
+def _step_times(unet, settings, cfg_scale, same_cond, batched, x, steps, cond, uncond, negative=None):
     stack = GuidanceStack(settings, steps, cfg_scale=cfg_scale, untitled_same_cond=same_cond)
     sigmas = karras_sigmas(steps, 0.03, 14.6)
     times = []
-    with GuidedDenoiser(EpsDenoiser(unet), stack, diffusion_model=unet, cond=cond, uncond=uncond, batched=batched) as d:
+    with GuidedDenoiser(EpsDenoiser(unet), stack, diffusion_model=unet, cond=cond, uncond=uncond, batched=batched,
+                        nag_negative=negative) as d:
         for i in range(steps):
             start = _clock()
             d(x, sigmas[i])
@@ -67,7 +81,9 @@ def _combine_cost(settings: GuidanceSettings, shape, repeats: int) -> float:
     c, u, x = (torch.randn(*shape, generator=g) for _ in range(3))
     sigma = torch.full((shape[0],), 2.0)
     stack = GuidanceStack(settings, 20, cfg_scale=7.0)
-    plan = stack.plan(3)
+    plan = stack.plan(3, sigma=2.0)
+    # The proof of effect runs on a pass's first step only; time the steady state.
+    stack.effects.finish()
     return _best_time(lambda: stack.combine(plan, 3, x=x, sigma=sigma, d_cond=c, d_uncond=u), repeats)
 
 
@@ -146,13 +162,17 @@ def run(sizes, steps: int, repeats: int, channels: int, batch: int) -> None:
         base_ms, batched_shape = None, {}
         for name, (kw, cfg_scale, same) in CASES.items():
             c, u = (zero, zero) if same else (cond, uncond)
+            negative = None
+            if "nag_scale" in kw and same:
+                c, u, negative = cond, cond, uncond
             for batched in (True, False):
-                sec, rows, fwd = _step_times(unet, GuidanceSettings(**kw), cfg_scale, same, batched, x, steps, c, u)
+                sec, rows, fwd = _step_times(unet, GuidanceSettings(**kw), cfg_scale, same, batched, x, steps, c, u,
+                                             negative)
                 if batched:
                     batched_shape[name] = (rows // batch, fwd)
                     base_ms = sec * 1e3 if name == "CFG" else base_ms
                 print(f"{name:<14} {'batched' if batched else 'separate':<10} {rows:>9} {fwd:>8} {sec * 1e3:>9.2f}")
-        for name, want in (("untitled+PAG", (2, 1)), ("CFG+PAG+SEG", (4, 1))):
+        for name, want in (("untitled+PAG", (2, 1)), ("CFG+PAG+SEG", (4, 1)), ("untitled+NAG", (1, 1))):
             got = batched_shape[name]
             verdict = "ok" if got == want else "MISSED"
             print(f"target {name}: {want[0]} rows per image in {want[1]} forward per step -> "
@@ -175,6 +195,11 @@ def run(sizes, steps: int, repeats: int, channels: int, batch: int) -> None:
             print(f"  {name:<9} {ms:8.3f} ms  {pct:6.2f} %  (target <= {TARGETS[name]:.0f} %: {verdict})")
         print(f"  FreeU A/B forward (2 rows, interleaved, best of {3 * repeats}): on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, "
               f"{100 * (on - off) / off:+.2f} %")
+        plain = _combine_cost(GuidanceSettings(), shape, 200)
+        print(f"combiner overhead per step over plain CFG's combine ({plain * 1e3:.3f} ms), vs the plain-CFG step:")
+        for name, kw in COMBINER_CASES.items():
+            ms = max(_combine_cost(GuidanceSettings(**kw), shape, 200) - plain, 0.0) * 1e3
+            print(f"  {name:<12} {ms:8.3f} ms  {100 * ms / base_ms:6.2f} %")
 
 
 def _parse_sizes(text: str):

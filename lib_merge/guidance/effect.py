@@ -78,7 +78,7 @@ class EffectReport:
         """Resolve ``method`` from D without (``before``) and with it (``after``)."""
         if not self.pending(method):
             return
-        change = float((after.float() - before.float()).abs().max()) if after.numel() else 0.0
+        change = float((after.detach().float() - before.detach().float()).abs().max()) if after.numel() else 0.0
         floor = noise_floor(before, after.dtype)
         hook = self._hooks.get(method)
         if change <= floor and hook is not None and not hook[0]:

@@ -375,7 +375,7 @@ class NagHooks(_HookSet):
             z_neg = multihead_attention(q[index], k.to(q.dtype), v.to(q.dtype), attn.heads)
             guided = nag_attention(z_pos, z_neg.to(z_pos.dtype), self.scale, self.tau, self.alpha)
             self.applied += 1
-            self.max_change = max(self.max_change, float((guided.float() - z_pos.float()).abs().max()))
+            self.max_change = max(self.max_change, float((guided.detach().float() - z_pos.detach().float()).abs().max()))
             self.max_reference = max(self.max_reference, float(z_pos.detach().abs().max()))
             z = _writable(z)
             z[index] = guided
