@@ -295,9 +295,27 @@ def test_bislerp_matches_the_nested_whole_tensor_version(kind):
 
 
 # -- the task-vector pipeline: election, combination and A + α·τ fused into one pass --------------------
+def _elect_(block, weights, vote):
+    signs = torch.sign(block)
+    if vote == "count":
+        tally = signs.sum(dim=0)
+    else:
+        tally = torch.matmul(weights.to(torch.float32), block)
+    block.mul_(signs == torch.sign(tally))
+
+
+def _combine(block, weights, config):
+    w = weights.to(torch.float32)
+    total = torch.matmul(w, block)
+    if config.combine != "mean":
+        return total
+    present = torch.matmul(w, (block != 0).to(torch.float32))
+    return torch.where(present > 0, total / present.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+
+
 def ref_merge(base, models, ctx, config, alpha, weights):
-    """The pipeline before the fused pass (sum/mean combinations), with the reference trims."""
-    from lib_merge.methods.task_vector import _combine, _elect_
+    """The pipeline before the fused pass (sum/mean combinations), with the reference trims,
+    election and combination."""
     from lib_merge.methods.median import row_chunk
 
     n = base.numel()

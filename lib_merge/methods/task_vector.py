@@ -162,9 +162,11 @@ def _combine(block: torch.Tensor, weights: torch.Tensor, config: TaskVectorConfi
     total = torch.matmul(w, block)
     if config.combine != "mean":
         return total
-    # disjoint mean: divide by the weight of the models that kept a value here (0 where none did)
+    # disjoint mean: divide by the weight of the models that kept a value here (0 where none did);
+    # in place, with the result of torch.where(present > 0, total / present, 0) bit for bit
     present = torch.matmul(w, (block != 0).to(torch.float32))
-    return torch.where(present > 0, total / present.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+    nobody = ~(present > 0)  # NaN weights too, as torch.where had it
+    return total.div_(present.clamp_(min=torch.finfo(torch.float32).tiny)).masked_fill_(nobody, 0.0)
 
 
 def _model_stock(deltas: torch.Tensor, cos_eps: float) -> torch.Tensor:
