@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("gradio") is None:
         print("error: the board needs gradio: pip install 'gradio==4.40.0' (or 3.41.2)")
         return 2
-    from .webui.standalone import launch
+    from .webui.board.standalone import launch
 
     launch(args.models_dir, host=args.host, port=args.port, open_browser=args.open, block=True)
     return 0

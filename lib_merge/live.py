@@ -18,7 +18,7 @@ being written. Inputs are mapped once per session; A's bytes come from the RAM o
 they equal the file.
 
 How values reach the model is the ``LiveTarget``'s job: the plain target copies in place; host
-adapters (``lib_merge.webui.host_a1111`` / ``host_forge``) write through the WebUI's own paths so
+adapters (``lib_merge.webui.board.host_a1111`` / ``host_forge``) write through the WebUI's own paths so
 LoRA backups stay consistent. Core module: imports only torch and lib_merge.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .arch import detect_architecture
-from .engine import all_finite, produce_job, read_sources
+from .engine.finite import all_finite
+from .engine.produce import produce_job, read_sources
 from .errors import MergeError, NonFiniteError
 from .inputs import VirtualInput, parse_model_ref
 from .io.dtypes import output_dtype

@@ -195,7 +195,7 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float,
                                                           threads=threads, repeat=repeat)
     # The A1111 adapter's path: merged values go through a scratch buffer and
     # ``load_state_dict(strict=False)`` per module (one more copy, so the LoRA built-in stays consistent).
-    from .webui.host_a1111 import A1111Target
+    from .webui.board.host_a1111 import A1111Target
 
     host_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=module))
     _, host_all, host_one, _ = _patch_times(A1111Target(host_model), a, b, block, len(sizes),

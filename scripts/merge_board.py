@@ -5,34 +5,34 @@ import gradio as gr  # noqa: F401  (the WebUI has it; imported here so a missing
 
 from modules import script_callbacks, scripts
 
-from lib_merge.webui import hostdetect
-from lib_merge.webui.host import LiveSession
+from lib_merge.webui.hosts import detect as hostdetect
+from lib_merge.webui.board.live_session import LiveSession
 
 if hostdetect.is_forge():
-    from lib_merge.webui.host_forge import ForgeHost as _Host
+    from lib_merge.webui.board.host_forge import ForgeHost as _Host
 else:
-    from lib_merge.webui.host_a1111 import A1111Host as _Host
+    from lib_merge.webui.board.host_a1111 import A1111Host as _Host
 
 HOST = _Host()
 SESSION = LiveSession(HOST, log=lambda message: print(message, flush=True))
 
 
 def on_ui_tabs():
-    from lib_merge.webui import board
+    from lib_merge.webui.board import ui as board
 
     ui, _ = board.build(HOST, SESSION)
     return [(ui, "Merge Board", "mergeboard")]
 
 
 def on_ui_settings():
-    from lib_merge.webui.host_a1111 import add_settings
+    from lib_merge.webui.board.host_a1111 import add_settings
 
     add_settings()
 
 
 def on_before_ui():
-    from lib_merge.webui.xyz import register_axes
-    from lib_merge.webui.xyz_merge import axes
+    from lib_merge.webui.hosts.xyz import register_axes
+    from lib_merge.webui.board.xyz import axes
 
     register_axes(axes(SESSION), log=lambda message: print(message, flush=True))
 

@@ -1,8 +1,8 @@
 """Untitled Guidance: sample with no prompt, and CFG++, PAG, SEG, FreeU, CFG rescale and dynamic
 thresholding, on A1111 1.10 and Forge. An always-visible script; this file only wires the WebUI
-to ``lib_merge.webui`` (the controls in ``guidance_controls`` and ``guidance_ui``, API args in
-``guidance_args``, infotext in ``guidance_infotext`` and ``guidance_paste``, the sampling hooks in
-the ``a1111`` / ``forge`` adapters, X/Y/Z axes in ``xyz_guidance``).
+to ``lib_merge.webui.guidance`` (the controls in ``controls`` and ``ui``, API args in ``args``,
+infotext in ``infotext`` and ``paste``, the sampling hooks in the ``a1111`` / ``forge`` adapters,
+X/Y/Z axes in ``xyz``).
 
 API: ``"alwayson_scripts": {"untitled guidance": {"args": [{"untitled": "empty", "pag_scale": 3}]}}``
 (one dict by name) or the positional list in the UI's order. Unknown names or bad values fail the
@@ -13,19 +13,17 @@ import gradio as gr
 from modules import script_callbacks, scripts
 
 from lib_merge.errors import BadParameterError
-from lib_merge.webui import (
-    guidance_args,
-    guidance_controls,
-    guidance_infotext,
-    guidance_log,
-    guidance_paste,
-    guidance_ui,
-    hostdetect,
-    xyz,
-    xyz_guidance,
-)
+from lib_merge.webui.guidance import args as guidance_args
+from lib_merge.webui.guidance import console as guidance_log
+from lib_merge.webui.guidance import controls as guidance_controls
+from lib_merge.webui.guidance import host_adapter
+from lib_merge.webui.guidance import infotext as guidance_infotext
+from lib_merge.webui.guidance import paste as guidance_paste
+from lib_merge.webui.guidance import ui as guidance_ui
+from lib_merge.webui.guidance import xyz as xyz_guidance
+from lib_merge.webui.hosts import xyz
 
-adapter = hostdetect.adapter()
+adapter = host_adapter()
 # At import: the sampler dropdowns are built from the host's list when the UI is made.
 adapter.register_samplers()
 

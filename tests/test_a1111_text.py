@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from lib_merge.engine import merge
 from lib_merge.live import LiveMerge
 from lib_merge.recipe import Recipe
-from lib_merge.webui.a1111_text import checkpoint_name, index_text_encoders, lora_backup
-from lib_merge.webui.host_a1111 import A1111Target
+from lib_merge.webui.board.a1111_text import checkpoint_name, index_text_encoders, lora_backup
+from lib_merge.webui.board.host_a1111 import A1111Target
 
 from tests.board_standins.models import PREFIX, loaded_unet, write_checkpoint
 

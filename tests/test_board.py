@@ -14,10 +14,10 @@ gr = pytest.importorskip("gradio")
 
 from lib_merge.demo import ensure_demo_models  # noqa: E402
 from lib_merge.recipe import load_recipe  # noqa: E402
-from lib_merge.webui import board_base, board_gradio  # noqa: E402
-from lib_merge.webui.board import Board, build  # noqa: E402
-from lib_merge.webui.board_base import ALL_BLOCKS, NO_VAE  # noqa: E402
-from lib_merge.webui.standalone import StandaloneHost  # noqa: E402
+from lib_merge.webui.board import base as board_base, gradio_compat as board_gradio  # noqa: E402
+from lib_merge.webui.board.ui import Board, build  # noqa: E402
+from lib_merge.webui.board.base import ALL_BLOCKS, NO_VAE  # noqa: E402
+from lib_merge.webui.board.standalone import StandaloneHost  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_save_and_load_write_one_console_line(host, capsys):
 def test_heatmap_rows_have_their_own_scale_from_zero(host):
     from types import SimpleNamespace
 
-    from lib_merge.webui.board_plots import heatmap
+    from lib_merge.webui.board.plots import heatmap
 
     blocks = {"IN00": SimpleNamespace(relative_difference=0.12, cosine=0.999),
               "IN01": SimpleNamespace(relative_difference=0.15, cosine=0.5)}

@@ -135,7 +135,7 @@ def _started(env, scripts):
 
     script_callbacks.before_ui_callback()
     scripts.scripts_txt2img.initialize()
-    from lib_merge.webui.board import Board
+    from lib_merge.webui.board.ui import Board
 
     env.board = Board(env.module.HOST, env.module.SESSION)
     yield env

@@ -9,7 +9,7 @@ import torch
 from lib_merge.guidance.runner import GuidedDenoiser
 from lib_merge.guidance.settings import GuidanceSettings
 from lib_merge.guidance.stack import GuidanceStack
-from lib_merge.webui import guidance_args, guidance_controls, guidance_ui, xyz_guidance
+from lib_merge.webui.guidance import args as guidance_args, controls as guidance_controls, ui as guidance_ui, xyz as xyz_guidance
 from tests.standins import host
 
 
@@ -48,7 +48,7 @@ def _prepared(host_, settings, *, prompt="a cat", batch_size=2, sampler="Euler",
     """A p with conds and a sampler, after our process_before_every_sampling."""
     from modules import sd_samplers
 
-    from lib_merge.webui import a1111
+    from lib_merge.webui.guidance import a1111
 
     p = host_.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, batch_size=batch_size, steps=4, width=32, height=32, **p_kwargs)
     p.setup_prompts()
@@ -89,8 +89,8 @@ def _reference(host_, p, settings, x, sigma, image_cond, cfg_scale):
 def test_cfgpp_samplers_are_registered_once(a1111):
     from modules import sd_samplers
 
-    from lib_merge.webui import a1111 as adapter
-    from lib_merge.webui import cfgpp_samplers
+    from lib_merge.webui.guidance import a1111 as adapter
+    from lib_merge.webui.guidance import cfgpp_samplers
 
     names = adapter.register_samplers()  # the script already registered at import: this is a re-run
     assert names == list(cfgpp_samplers.CFGPP_SAMPLERS)
@@ -162,7 +162,7 @@ def test_untitled_skips_the_uncond_rows_and_caches_its_conds(a1111):
 def test_untitled_conditioning_modes(a1111):
     from tests.standins.common.models import A1111Model
 
-    from lib_merge.webui import untitled_conds
+    from lib_merge.webui.guidance import untitled_conds
 
     model = a1111.shared.sd_model
     c, uc = untitled_conds.compute_untitled_conds(model, "gibberish", [7, 8], width=64, height=64, steps=4)
@@ -253,7 +253,7 @@ def test_cfgpp_sampler_renoises_with_the_uncond(a1111):
     from k_diffusion.external import CompVisDenoiser
     from modules import prompt_parser
 
-    from lib_merge.webui import cfgpp_samplers
+    from lib_merge.webui.guidance import cfgpp_samplers
 
     settings = GuidanceSettings(cfgpp=0.4)
     p, den, guided = _prepared(a1111, settings, batch_size=1, sampler="Euler CFG++")
@@ -346,7 +346,7 @@ def test_bad_inputs_skip_the_method_with_one_line(a1111, capsys):
 
     p = a1111.processing.StableDiffusionProcessingTxt2Img()
     p.sampler = NoHook()
-    from lib_merge.webui import a1111 as adapter
+    from lib_merge.webui.guidance import a1111 as adapter
 
     assert adapter.prepare_sampling(p, GuidanceSettings(pag_scale=2.0)) is None
     assert "no p.sampler.model_wrap_cfg" in capsys.readouterr().out
@@ -441,7 +441,7 @@ def test_untitled_zero_on_the_sdxl_refiner_keeps_the_uncond(a1111):
     from k_diffusion.external import CompVisDenoiser
     from modules import prompt_parser
 
-    from lib_merge.webui import untitled_conds
+    from lib_merge.webui.guidance import untitled_conds
     from tests.standins.common.models import A1111Model
 
     def same(model):
@@ -468,8 +468,8 @@ def test_untitled_zero_on_the_sdxl_refiner_keeps_the_uncond(a1111):
 
 
 def test_a_refiner_switch_mid_pass_decides_c_equiv_u_again(a1111):
-    from lib_merge.webui import untitled_conds
-    from lib_merge.webui.guided_pass import GuidedPass
+    from lib_merge.webui.guidance import untitled_conds
+    from lib_merge.webui.guidance.guided_pass import GuidedPass
     from tests.standins.common.models import A1111Model
 
     class Denoiser:

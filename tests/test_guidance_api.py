@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_merge.webui import guidance_controls
+from lib_merge.webui.guidance import controls as guidance_controls
 from tests.standins import host
 
 

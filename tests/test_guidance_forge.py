@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_merge.webui import guidance_controls
+from lib_merge.webui.guidance import controls as guidance_controls
 from tests.standins import host
 
 
@@ -73,7 +73,7 @@ def test_idempotent_over_the_three_hires_calls(forge):
         assert _ours(unet)["post"] == 1 and _ours(unet)["pre"] == 1
     assert hires is not first and hires.model_options["untitled_guidance"] != first.model_options["untitled_guidance"]
     assert forge.calls == [3, 3, 3, 3]  # every step, both passes: one forward with the PAG rows
-    from lib_merge.webui import forge as adapter
+    from lib_merge.webui.guidance import forge as adapter
 
     assert adapter._CELLS == {}  # postprocess_batch let go of the generation's state
 
@@ -178,7 +178,7 @@ def test_sdxl_dict_conditioning(forge):
 
 def _record_forwards(kmodel, monkeypatch):
     """Every apply_model call of the generation: (x, t, context, our row marks, output)."""
-    from lib_merge.webui.forge import ROWS_KEY
+    from lib_merge.webui.guidance.forge import ROWS_KEY
 
     seen = []
     plain = kmodel.apply_model

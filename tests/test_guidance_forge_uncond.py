@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from lib_merge.webui import guidance_controls
+from lib_merge.webui.guidance import controls as guidance_controls
 from tests.standins import host
 
 

@@ -14,7 +14,7 @@ from lib_merge.arch import block_of
 from lib_merge.engine import merge
 from lib_merge.live import LiveMerge, LiveTarget
 from lib_merge.recipe import Recipe
-from lib_merge.webui.host_a1111 import A1111Target
+from lib_merge.webui.board.host_a1111 import A1111Target
 
 from tests.board_standins.models import PREFIX, loaded_unet, write_checkpoint
 

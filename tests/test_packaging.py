@@ -35,10 +35,10 @@ def test_wheel_holds_only_the_package_and_its_assets(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"lib_merge"}
     for module in ("lib_merge/cli.py", "lib_merge/io/writer.py", "lib_merge/guidance/stack.py",
-                   "lib_merge/methods/registry.py", "lib_merge/webui/assets.py"):
+                   "lib_merge/methods/registry.py", "lib_merge/webui/board/assets.py"):
         assert module in names
     for asset in ("javascript/merge_board.js", "style.css"):
-        packed = "lib_merge/webui/static/" + Path(asset).name
+        packed = "lib_merge/webui/board/static/" + Path(asset).name
         assert wheel.read(packed) == (ROOT / asset).read_bytes()
 
 

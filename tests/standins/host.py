@@ -19,7 +19,7 @@ def _ours(name: str) -> bool:
 
 def _forget_adapter_state() -> None:
     # The adapters cache untitled conds per model object and Forge patch cells; a new host is a new world.
-    for name in ("lib_merge.webui.untitled_conds", "lib_merge.webui.guidance_log", "lib_merge.webui.forge"):
+    for name in ("lib_merge.webui.guidance.untitled_conds", "lib_merge.webui.guidance.console", "lib_merge.webui.guidance.forge"):
         mod = sys.modules.get(name)
         if mod is not None:
             getattr(mod, "_COND_CACHE", {}).clear()

@@ -12,12 +12,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from ..blocks import parse_block_weights
-from ..errors import MergeCancelled, MergeError, OutputPathError
-from ..methods import get_method
-from .board_base import LETTERS, NO_VAE, BoardBase, _num
-from .board_gradio import _html_message, _update
-from .board_plots import heatmap
+from ...blocks import parse_block_weights
+from ...errors import MergeCancelled, MergeError, OutputPathError
+from ...methods import get_method
+from .base import LETTERS, NO_VAE, BoardBase, _num
+from .gradio_compat import _html_message, _update
+from .plots import heatmap
 from .host import PreviewRequest, output_path
 
 
@@ -81,7 +81,7 @@ class ActionHandlers(BoardBase):
 
     def on_compare(self, a_title, b_title, progress=None):
         """Per-block relative difference and cosine of A vs B (the inspector), as a heatmap."""
-        from ..inspect import inspect_models
+        from ...inspect import inspect_models
 
         try:
             a, b = self.path_of(a_title), self.path_of(b_title)
@@ -101,7 +101,7 @@ class ActionHandlers(BoardBase):
 
     def on_save(self, name, dtype, vae_title, overwrite, *values, progress=None):
         """Write the board's recipe with the streaming engine into the checkpoint folder."""
-        from ..engine import merge
+        from ...engine import merge
 
         session = self.session
         if session.save.running:
@@ -169,7 +169,7 @@ class ActionHandlers(BoardBase):
 
     def on_load_recipe(self, title: Optional[str]):
         """Fill the board from the recipe embedded in a merged file."""
-        from ..recipe import load_recipe
+        from ...recipe import load_recipe
 
         n_out = len(LETTERS) + 5 + len(self.param_names)
         try:

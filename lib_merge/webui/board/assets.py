@@ -12,7 +12,7 @@ def read_asset(relative: str) -> str:
     """``relative`` as laid out at the repository root (``javascript/merge_board.js``, ``style.css``);
     an empty string when neither place has it (the board still works: the server keeps the sliders
     and the weight string in sync, the script only makes it instant)."""
-    for candidate in (_HERE.parents[1] / relative, _HERE / "static" / Path(relative).name):
+    for candidate in (_HERE.parents[2] / relative, _HERE / "static" / Path(relative).name):
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
     return ""

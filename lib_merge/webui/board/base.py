@@ -2,8 +2,8 @@
 resolved to its file and architecture, and the controls' values turned into a ``Recipe``.
 
 Kept apart from the handlers so the rules for a valid board recipe (models present, one
-architecture, parameters coerced by the method registry) live in one place; ``board_sync``
-and ``board_actions`` extend ``BoardBase`` and ``board.Board`` combines them.
+architecture, parameters coerced by the method registry) live in one place; ``sync``
+and ``actions`` extend ``BoardBase`` and ``ui.Board`` combines them.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..arch.spec import SD1, get_arch
-from ..blocks import format_block_weights, parse_block_weights
-from ..errors import MergeError
-from ..methods import all_methods, get_method
-from ..recipe import Recipe
-from .host import Checkpoint, Host, LiveSession, arch_cache, filter_by_arch
+from ...arch.spec import SD1, get_arch
+from ...blocks import format_block_weights, parse_block_weights
+from ...errors import MergeError
+from ...methods import all_methods, get_method
+from ...recipe import Recipe
+from .host import Checkpoint, Host, arch_cache, filter_by_arch
+from .live_session import LiveSession
 
 LETTERS = "ABCDEF"
 ALL_BLOCKS = SD1.blocks  # 26 names; SDXL's 20 are a subset
@@ -80,7 +81,7 @@ class BoardBase:
             for c in items:
                 if _strip_hash(c.title) == bare:
                     return c.path
-        from ..inputs import VirtualInput, parse_model_ref
+        from ...inputs import VirtualInput, parse_model_ref
 
         if isinstance(parse_model_ref(title), VirtualInput):
             return None

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..live import LiveTarget, WriteItem, get_attr
+from ...live import LiveTarget, WriteItem, get_attr
 from .a1111_text import (
     forget_cached_conditioning,
     index_text_encoders,
@@ -66,7 +66,7 @@ class A1111Target(LiveTarget):
         return (id(self.owner), id(self.modules[UNET_PREFIX]))
 
     def check(self) -> None:
-        from ..live import LiveMergeError
+        from ...live import LiveMergeError
 
         # A few parameters tell (the host moves whole models): walking all 700 would cost more than a patch.
         if any(p.device.type == "meta" for p in itertools.islice(self.modules[UNET_PREFIX].parameters(), 4)):

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..live import LiveMergeError, LiveTarget, WriteItem, get_attr
+from ...live import LiveMergeError, LiveTarget, WriteItem, get_attr
 from .host import PreviewRequest, PreviewResult
 from .host_a1111 import A1111Host, refresh_checkpoint_list
 

@@ -67,10 +67,10 @@ class StandaloneHost:
 def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: int = 7870,
            open_browser: bool = False, block: bool = True):
     """Build the board over ``models_dir`` (default: the demo folder, filled on first use) and serve it."""
-    from ..demo import ensure_demo_models
-    from . import board as board_mod
+    from ...demo import ensure_demo_models
+    from . import ui as board_mod
     from .assets import read_asset
-    from .board_gradio import gradio_major
+    from .gradio_compat import gradio_major
 
     if models_dir is None:
         models_dir = Path("demo_models")
@@ -94,7 +94,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
 def _add_js(demo, js: str) -> None:
     """Run the board's client script once the page has loaded (gradio 3: ``_js`` on a load event;
     gradio 4: ``Blocks.js``-style load handler)."""
-    from .board_gradio import _js_kwargs
+    from .gradio_compat import _js_kwargs
 
     code = "() => {\n" + js + "\nif (window.mergeboardSetup) window.mergeboardSetup();\n}"
     with demo:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..arch.spec import get_arch
-from ..blocks import format_block_weights, parse_block_weights, preset_names, preset_values
-from ..errors import MergeError
-from ..methods import get_method
-from .board_base import ALL_BLOCKS, LETTERS, NO_VAE, BoardBase, _match, _num
-from .board_gradio import _html_message, _update
-from .board_plots import block_curve
+from ...arch.spec import get_arch
+from ...blocks import format_block_weights, parse_block_weights, preset_names, preset_values
+from ...errors import MergeError
+from ...methods import get_method
+from .base import ALL_BLOCKS, LETTERS, NO_VAE, BoardBase, _match, _num
+from .gradio_compat import _html_message, _update
+from .plots import block_curve
 
 CUSTOM = "custom"  # the preset label once the blocks match no preset
 # One range for α, β and every block slider: extrapolation (below A, beyond B) is allowed on all

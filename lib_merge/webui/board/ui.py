@@ -11,22 +11,23 @@ The handlers are plain methods of ``Board`` (testable without a browser); ``buil
 out components and wires events. Only ``gr.update`` is used, ``_js``/``js`` are chosen by the
 gradio major version, no ``.style()``.
 
-This module is the layout and the wiring. ``Board`` is assembled from ``board_base`` (checkpoints
-and the recipe), ``board_sync`` (controls kept in step) and ``board_actions`` (live session,
-preview, compare, save, load recipe); the figures are in ``board_plots`` and the gradio-version
-shims in ``board_gradio``. (A VAE to bake travels in the recipe; the engine bakes it.)
+This module is the layout and the wiring. ``Board`` is assembled from ``base`` (checkpoints
+and the recipe), ``sync`` (controls kept in step) and ``actions`` (live session,
+preview, compare, save, load recipe); the figures are in ``plots`` and the gradio-version
+shims in ``gradio_compat``. (A VAE to bake travels in the recipe; the engine bakes it.)
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..arch.spec import get_arch
-from ..blocks import format_block_weights, parse_block_weights, preset_names
-from .board_actions import ActionHandlers
-from .board_base import ALL_BLOCKS, LETTERS, NO_VAE
-from .board_gradio import _gr, _html_message, _js_kwargs
-from .board_sync import CUSTOM, WEIGHT_MAX, WEIGHT_MIN, SyncHandlers
-from .host import Host, LiveSession
+from ...arch.spec import get_arch
+from ...blocks import format_block_weights, parse_block_weights, preset_names
+from .actions import ActionHandlers
+from .base import ALL_BLOCKS, LETTERS, NO_VAE
+from .gradio_compat import _gr, _html_message, _js_kwargs
+from .sync import CUSTOM, WEIGHT_MAX, WEIGHT_MIN, SyncHandlers
+from .host import Host
+from .live_session import LiveSession
 
 ELEM = "mergeboard"
 DTYPES = ("fp16", "bf16", "fp32")

@@ -5,7 +5,7 @@ An axis only records its value on the cell's processing object (``p.mergeboard_x
 generation hook (``LiveSession.before_generation``) turns the board's recipe plus these overrides
 into one live patch of the changed blocks — never a checkpoint reload — and writes the value into
 the cell's infotext. After the last cell the model goes back to the board's state (A, or the
-live-preview merge). Registration goes through the generic ``lib_merge.webui.xyz`` helper.
+live-preview merge). Registration goes through the generic ``lib_merge.webui.hosts.xyz`` helper.
 
 Weight strings contain commas, which separate X/Y/Z values: quote them (``"0,1,0.5,…"``) or
 write them with ``;`` (``0;1;0.5;…`` / ``GRAD_V;M00=0``).
@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..arch.spec import SD1
-from ..blocks import format_block_weights, parse_block_weights, preset_names
-from ..errors import MergeError
-from ..methods import all_methods, get_method
-from ..recipe import Recipe
-from .xyz import AxisDef
+from ...arch.spec import SD1
+from ...blocks import format_block_weights, parse_block_weights, preset_names
+from ...errors import MergeError
+from ...methods import all_methods, get_method
+from ...recipe import Recipe
+from ..hosts.xyz import AxisDef
 
 OVERRIDE_ATTR = "mergeboard_xyz"
 LABELS = {

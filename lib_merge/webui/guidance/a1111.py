@@ -1,4 +1,4 @@
-"""A1111 (v1.10) adapter of the Untitled Guidance script: the module ``hostdetect.adapter()``
+"""A1111 (v1.10) adapter of the Untitled Guidance script: the module ``guidance.host_adapter()``
 gives the script there.
 
 ``prepare_sampling`` (``process_before_every_sampling``) runs the checks both hosts share
@@ -14,17 +14,27 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..guidance.settings import GuidanceSettings
-from . import cfgpp_samplers, guidance_log
+from ...guidance.settings import GuidanceSettings
+from . import cfgpp_samplers, console as guidance_log
 from .a1111_pass import A1111Pass
-from .guidance_log import log, log_once
+from .console import log, log_once
 from .guided_pass import install_pass, uninstall_pass
 from .pass_setup import effective_settings, hookable_denoiser, resolve_layers, with_freeu_channels, with_untitled
 from .pass_summary import print_summary, record_pass
 
-# The adapter interface the script calls on either host (``hostdetect.adapter()``).
-register_samplers = cfgpp_samplers.register_samplers
+# The adapter interface the script calls on either host (``guidance.host_adapter()``).
 new_generation = guidance_log.new_generation
+
+
+def register_samplers() -> list[str]:
+    return cfgpp_samplers.register_samplers(install_minimal_cfgpp)
+
+
+def install_minimal_cfgpp(model, settings: GuidanceSettings) -> None:
+    """A CFG++ sampler running without the script (``cfgpp_samplers.ensure_cfgpp_driver``): a pass
+    that guides with CFG++ alone."""
+    p = getattr(model, "p", None)
+    install_pass(model, A1111Pass(model, settings, hires=bool(getattr(p, "is_hr_pass", False)), diffusion_model=None))
 
 
 def _model_channels(diffusion_model) -> Optional[int]:

@@ -25,9 +25,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import BadParameterError
-from ..guidance.hooks import AttentionPerturbations, install_freeu
-from .guidance_log import log_once
+from ...errors import BadParameterError
+from ...guidance.hooks import AttentionPerturbations, install_freeu
+from .console import log_once
 from .guided_pass import GuidedPass, StepContext
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from ..errors import BadParameterError
-from ..guidance.settings import GuidanceSettings, coerce
-from .guidance_controls import CONTROL_DEFAULTS, CONTROL_NAMES, CONTROLS, SCALE_SWITCHES, settings_from_controls
+from ...errors import BadParameterError
+from ...guidance.settings import GuidanceSettings, coerce
+from .controls import CONTROL_DEFAULTS, CONTROL_NAMES, CONTROLS, SCALE_SWITCHES, settings_from_controls
 
 
 def controls_from_mapping(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,15 +7,14 @@ A1111's k-diffusion sampler classes, so one registration serves both hosts.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..guidance import cfgpp as cfgpp_lib
-from ..guidance.settings import GuidanceSettings
-from .a1111_pass import A1111Pass
-from .guidance_log import TITLE, log
-from .guided_pass import install_pass, installed_pass
+from ...guidance import cfgpp as cfgpp_lib
+from ...guidance.settings import GuidanceSettings
+from .console import TITLE, log
+from .guided_pass import installed_pass
 
 
 def _host_noise(x: torch.Tensor):
@@ -82,13 +81,21 @@ def _sampler_data_list(sd_samplers_common, sd_samplers_kdiffusion) -> list:
     return out
 
 
-def register_samplers() -> list[str]:
-    """Add our CFG++ samplers to the host's sampler list (at import, before the UI lists them).
+# How the running host guides a pass the script did not set up: each adapter hands its own
+# installer to ``register_samplers``, so this module never imports an adapter.
+_install_without_script: Optional[Callable[[Any, GuidanceSettings], None]] = None
+
+
+def register_samplers(install_without_script: Callable[[Any, GuidanceSettings], None]) -> list[str]:
+    """Add our CFG++ samplers to the host's sampler list (at import, before the UI lists them);
+    ``install_without_script(model, settings)`` guides a CFG++ pass where the script did not run.
 
     Forge has ``sd_samplers.add_sampler``; A1111 1.10 does not, so we append to ``all_samplers``,
     set ``all_samplers_map`` in place and call ``set_samplers()``. Re-running (Reload UI) replaces
     our entries instead of duplicating them. Never raises: a host without these modules gets one line.
     """
+    global _install_without_script
+    _install_without_script = install_without_script
     try:
         from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
     except Exception as err:  # not inside a WebUI, or a host that moved these modules
@@ -135,16 +142,7 @@ def ensure_cfgpp_driver(model) -> None:
         guided.settings = settings.replace(**{f: getattr(guided.settings, f) for f in GuidanceSettings.field_names() if f not in ("cfgpp", "cfgpp_hires")})
         guided.stack = None
         return
-    host = _host_kind()
-    if host == "forge":
-        from . import forge
-
-        forge.install_minimal_cfgpp(model, settings)
-    else:
-        install_pass(model, A1111Pass(model, settings, hires=bool(getattr(p, "is_hr_pass", False)), diffusion_model=None))
-
-
-def _host_kind() -> str:
-    import importlib.util
-
-    return "forge" if importlib.util.find_spec("modules_forge") is not None else "a1111"
+    if _install_without_script is None:
+        log("CFG++ sampler: our samplers were not registered through a host adapter; cannot guide")
+        return
+    _install_without_script(model, settings)

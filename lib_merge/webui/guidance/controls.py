@@ -1,8 +1,8 @@
 """The Untitled Guidance script's controls, and the mapping between control values and settings.
 
 ``CONTROLS`` is the one table the other guidance modules read: the gradio layout
-(``guidance_ui``), API args (``guidance_args``), paste (``guidance_paste``) and the X/Y/Z axes
-(``xyz_guidance``). Pure data and pure functions: no gradio or WebUI import, so it runs in tests
+(``ui``), API args (``args``), paste (``paste``) and the X/Y/Z axes
+(``xyz``). Pure data and pure functions: no gradio or WebUI import, so it runs in tests
 and on both hosts.
 
 Names. A *control* is one value the UI passes to the script, in ``CONTROLS`` order (that order is
@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..errors import BadParameterError
-from ..guidance.settings import (
+from ...errors import BadParameterError
+from ...guidance.settings import (
     DYNTHRES_MEASURES,
     DYNTHRES_SCHEDULES,
     DYNTHRES_STARTPOINTS,

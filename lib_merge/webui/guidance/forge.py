@@ -31,19 +31,18 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadParameterError
-from ..guidance.freeu import freeu_patch
-from ..guidance.pag import identity_attention
-from ..guidance.seg import blur_queries, feature_hw
-from ..guidance.settings import GuidanceSettings
-from . import a1111, cfgpp_samplers, guidance_log
-from .guidance_log import log, log_once
+from ...errors import BadParameterError
+from ...guidance.freeu import freeu_patch
+from ...guidance.pag import identity_attention
+from ...guidance.seg import blur_queries, feature_hw
+from ...guidance.settings import GuidanceSettings
+from . import a1111, cfgpp_samplers, console as guidance_log
+from .console import log, log_once
 from .guided_pass import GuidedPass, StepContext, install_pass
 from .pass_setup import effective_settings, hookable_denoiser, resolve_layers, with_freeu_channels, with_untitled
 from .pass_summary import record_pass
 
 # Shared with A1111: the sampler list and the per-generation log are host-neutral.
-register_samplers = cfgpp_samplers.register_samplers
 new_generation = guidance_log.new_generation
 
 ROWS_KEY = "untitled_guidance_rows"
@@ -436,6 +435,10 @@ def prepare_sampling(p, settings: GuidanceSettings, *, error: Optional[BaseExcep
         guided.settings = settings = settings.replace(pag_scale=0.0, seg_scale=0.0, freeu_enabled=False, rescale_phi=0.0,
                                                       dynthres_enabled=False)
     return record_pass(p, install_pass(denoiser, guided))
+
+
+def register_samplers() -> list[str]:
+    return cfgpp_samplers.register_samplers(install_minimal_cfgpp)
 
 
 def install_minimal_cfgpp(model, settings: GuidanceSettings) -> None:

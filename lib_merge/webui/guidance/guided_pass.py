@@ -13,9 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..guidance.settings import GuidanceSettings
-from ..guidance.stack import GuidanceStack, StepPlan
-from .guidance_log import log_once
+from ...guidance.settings import GuidanceSettings
+from ...guidance.stack import GuidanceStack, StepPlan
+from .console import log_once
 from .untitled_conds import Untitled
 
 _WRAP_ATTR = "_untitled_guidance_pass"

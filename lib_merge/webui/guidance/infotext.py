@@ -3,7 +3,7 @@
 We write only our own ``UG …`` keys, never the legacy ones: incantations, sd-webui-freeu or
 sd-dynamic-thresholding, when installed, would enable themselves on paste and double-apply, and
 their meanings differ from ours. The value readers (``parse_*``) sit next to the writer whose
-format they invert; paste (``guidance_paste``) and the legacy mappings (``guidance_legacy``) use
+format they invert; paste (``paste``) and the legacy mappings (``legacy``) use
 them.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, MutableMapping
 
-from ..guidance.settings import GuidanceSettings, coerce
+from ...guidance.settings import GuidanceSettings, coerce
 
 # Our infotext keys, one per settings field (plus the rescale space, which is not a setting).
 # Only word characters, spaces, '-' and '/': A1111's ``re_param_code`` accepts nothing else.
@@ -110,7 +110,7 @@ def infotext_items(settings: GuidanceSettings) -> dict[str, Any]:
         for name in names:
             items[INFOTEXT_KEYS[name]] = _fmt(getattr(settings, name))
         if method == "rescale":
-            from ..guidance.rescale import RESCALE_SPACE
+            from ...guidance.rescale import RESCALE_SPACE
 
             items[RESCALE_SPACE_KEY] = RESCALE_SPACE
     return items

@@ -4,7 +4,7 @@ SEG), sd-webui-freeu and sd-dynamic-thresholding.
 Their meanings differ from ours (incantations' SEG has no scale and a σ exponent, sd-webui-freeu's
 window is half-open), so each parser maps the values into our settings fields, never "key present
 ⇒ on" alone. These formats belong to other projects, hence a module of their own; we only read
-them (``guidance_infotext`` says why we never write them). ``guidance_paste`` calls a method's
+them (``infotext`` says why we never write them). ``paste`` calls a method's
 parser only when none of our own keys for that method is present.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
-from ..errors import BadParameterError
-from ..guidance.settings import TO_THE_END
-from .guidance_controls import CONTROL_BY_NAME
-from .guidance_infotext import DEFAULT_SETTINGS, Warn, parse_bool, parse_field, parse_float
+from ...errors import BadParameterError
+from ...guidance.settings import TO_THE_END
+from .controls import CONTROL_BY_NAME
+from .infotext import DEFAULT_SETTINGS, Warn, parse_bool, parse_field, parse_float
 
 # A legacy parser's answer for keys that are present but cannot be read: leave the method alone.
 UNREADABLE: Any = object()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..errors import BadParameterError
-from ..guidance.hooks import find_attention_layers
-from ..guidance.settings import GuidanceSettings
+from ...errors import BadParameterError
+from ...guidance.hooks import find_attention_layers
+from ...guidance.settings import GuidanceSettings
 from .cfgpp_samplers import CFGPP_SAMPLERS, sampler_name_of
-from .guidance_log import TITLE, log, log_once
+from .console import TITLE, log, log_once
 from .untitled_conds import Untitled, untitled_for
 
 

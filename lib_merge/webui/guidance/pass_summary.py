@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from ..guidance.settings import GuidanceSettings
-from .guidance_log import TITLE
+from ...guidance.settings import GuidanceSettings
+from .console import TITLE
 from .guided_pass import GuidedPass
 
 _PASSES_ATTR = "_untitled_guidance_passes"

@@ -1,6 +1,6 @@
 """Paste: the control values a parsed infotext sets, method by method.
 
-Per method our ``UG`` keys win, else the legacy keys of other extensions (``guidance_legacy``)
+Per method our ``UG`` keys win, else the legacy keys of other extensions (``legacy``)
 are mapped. The WebUI calls one ``infotext_fields`` function per control with the same params;
 ``PasteCache`` parses them once for all of them.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Optional
 
-from ..errors import BadParameterError
-from .guidance_controls import CONTROL_DEFAULTS, METHOD_SWITCH, SCALE_SWITCHES
-from .guidance_infotext import DEFAULT_SETTINGS, INFOTEXT_KEYS, METHOD_FIELDS, Warn, parse_field
-from .guidance_legacy import LEGACY_PARSERS, UNREADABLE
-from .guidance_log import log
+from ...errors import BadParameterError
+from .controls import CONTROL_DEFAULTS, METHOD_SWITCH, SCALE_SWITCHES
+from .infotext import DEFAULT_SETTINGS, INFOTEXT_KEYS, METHOD_FIELDS, Warn, parse_field
+from .legacy import LEGACY_PARSERS, UNREADABLE
+from .console import log
 
 
 def _fallback(name: str) -> Any:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from .guidance_controls import CONTROL_BY_NAME, CONTROLS, METHOD_SWITCH
-from .guidance_log import TITLE
-from .guidance_paste import PasteCache
+from .controls import CONTROL_BY_NAME, CONTROLS, METHOD_SWITCH
+from .console import TITLE
+from .paste import PasteCache
 
 HINT = (
     "**Untitled** samples with no prompt at all (the prompt and negative are ignored) to show what the "

@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import untitled as untitled_lib
-from ..guidance.settings import GuidanceSettings
+from ... import untitled as untitled_lib
+from ...guidance.settings import GuidanceSettings
 
 _COND_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _COND_CACHE_SIZE = 8

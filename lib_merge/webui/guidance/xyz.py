@@ -3,17 +3,17 @@
 An axis only sets ``p.untitled_guidance_<control>`` on the cell's processing object;
 ``apply_p_overrides`` folds those attributes into the script's control values when the cell
 runs. Both ends of that attribute protocol live here. Registration goes through the generic
-``lib_merge.webui.xyz`` helper.
+``lib_merge.webui.hosts.xyz`` helper.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Mapping
 
-from ..guidance.settings import coerce
-from .guidance_controls import CONTROLS, METHOD_SWITCH, SCALE_SWITCHES, Control, as_bool, settings_from_controls
-from .guidance_infotext import INFOTEXT_KEYS
-from .xyz import AxisDef
+from ...guidance.settings import coerce
+from .controls import CONTROLS, METHOD_SWITCH, SCALE_SWITCHES, Control, as_bool, settings_from_controls
+from .infotext import INFOTEXT_KEYS
+from ..hosts.xyz import AxisDef
 
 # The prefix of the X/Y/Z attributes set on ``p`` (``p.untitled_guidance_pag_scale``).
 P_ATTR_PREFIX = "untitled_guidance_"

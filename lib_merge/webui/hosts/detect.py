@@ -7,15 +7,3 @@ import importlib.util
 
 def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None and importlib.util.find_spec("backend") is not None
-
-
-def adapter():
-    """The adapter module of this host: ``forge`` or ``a1111`` (both expose ``prepare_sampling``,
-    ``finish``, ``register_samplers``, ``new_generation``)."""
-    if is_forge():
-        from . import forge
-
-        return forge
-    from . import a1111
-
-    return a1111
