@@ -24,18 +24,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import BadParameterError, MergeCancelled, NonFiniteError, OutputPathError, ResumeError
-from .inputs import VirtualInput
-from .io.hashing import sha256_file, short_hash
-from .io.reader import CheckpointReader, open_checkpoint
-from .io.writer import SafetensorsWriter, plan_layout, temp_path_for
-from .many import MemoryGate, MemoryPlan, SourceHandle, job_bytes, parse_size, plan_memory, stream_chunk
-from .methods.registry import KeyContext, MethodSpec
-from .methods.sparsify import ChunkContext
-from .plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
-from .recipe import Recipe
-from .resume import AUTO_MIN_BYTES, Journal, journal_path
-from .vae import bake_vae
+from ..errors import BadParameterError, MergeCancelled, NonFiniteError, OutputPathError, ResumeError
+from ..inputs import VirtualInput
+from ..io.hashing import sha256_file, short_hash
+from ..io.reader import CheckpointReader, open_checkpoint
+from ..io.writer import SafetensorsWriter, plan_layout, temp_path_for
+from ..many import MemoryGate, MemoryPlan, SourceHandle, job_bytes, parse_size, plan_memory, stream_chunk
+from ..methods.registry import KeyContext, MethodSpec
+from ..methods.sparsify import ChunkContext
+from ..plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
+from ..recipe import Recipe
+from ..resume import AUTO_MIN_BYTES, Journal, journal_path
+from ..vae import bake_vae
 
 # Elementwise methods run over flat chunks this size: the fp32 working set of one chunk stays in
 # cache instead of materialising full-size fp32 temporaries (several times faster on 2 cores).
@@ -132,7 +132,7 @@ def execute(
     ``journal`` writes a resume file (None: only for runs reading ≥ 8 GiB); on a failure or a
     cancel the partial file and the resume file are then kept, and ``resume=True`` continues
     from them — the result is bit for bit that of an uninterrupted run."""
-    from .metadata import build_metadata
+    from ..metadata import build_metadata
 
     started = time.perf_counter()
     out_path = Path(output)
@@ -320,7 +320,7 @@ def _stopped_message(out_path: Path, log: Journal | None, how: str) -> str:
 
 
 def _absolute_recipe(recipe: Recipe) -> dict:
-    from .inputs import parse_model_ref
+    from ..inputs import parse_model_ref
 
     models = [m if not isinstance(parse_model_ref(m), str) else str(Path(m).resolve()) for m in recipe.models]
     return recipe.replace(models=tuple(models), vae=str(Path(recipe.vae).resolve()) if recipe.vae else None).to_dict()

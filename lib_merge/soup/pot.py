@@ -34,13 +34,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .arch import detect_architecture, key_kind
-from .errors import ArchitectureMismatchError, CorruptPotError, MergeError, NonFiniteError, OutputPathError, SoupError
-from .io.dtypes import CODE_TO_TORCH, output_dtype
-from .io.hashing import sha256_file
-from .io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
-from .io.writer import SafetensorsWriter, _fsync_dir
-from .engine import all_finite
+from ..arch import detect_architecture, key_kind
+from ..errors import ArchitectureMismatchError, CorruptPotError, MergeError, NonFiniteError, OutputPathError, SoupError
+from ..io.dtypes import CODE_TO_TORCH, output_dtype
+from ..io.hashing import sha256_file
+from ..io.reader import CheckpointReader, SafetensorsReader, open_checkpoint
+from ..io.writer import SafetensorsWriter, _fsync_dir
+from ..engine import all_finite
 
 FORMAT = "lib_merge-soup"
 VERSION = 1
@@ -389,7 +389,7 @@ class Pot:
     ) -> tuple[Path, str | None]:
         """Write Σ wᵢθᵢ / Σ wᵢ as a checkpoint; with ``scale`` ≠ 1 (pots with a base only),
         base + scale·(average − base). Reads the pot only (and the base when scale ≠ 1)."""
-        from .metadata import build_soup_metadata
+        from ..metadata import build_soup_metadata
 
         ingredients = self.ingredients
         if not ingredients:
@@ -519,7 +519,7 @@ def _restore_torch_threads(count: int):
 
 def _parallel(keys: Iterable[str], fn: Callable[[str], Any], threads: int | None) -> dict[str, Any]:
     """Run ``fn`` per key on a small pool (single-threaded torch per worker, as the engine)."""
-    from .engine import default_threads, single_threaded_torch
+    from ..engine import default_threads, single_threaded_torch
 
     keys = list(keys)
     torch_threads = torch.get_num_threads()
