@@ -305,7 +305,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _soup(args: argparse.Namespace) -> int:
     from .soup import Pot
 
-    from .engine import cap_threads
+    from .engine.pool import cap_threads
 
     command = args.soup_command
     threads = cap_threads(getattr(args, "threads", None), lambda msg: print(f"note: {msg}", file=sys.stderr))

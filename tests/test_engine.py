@@ -203,7 +203,7 @@ def test_mismatched_architectures_rejected_before_reading_data(models, out_dir, 
 
     monkeypatch.setattr(SafetensorsReader, "get", no_data)
     monkeypatch.setattr(SafetensorsReader, "read_into", no_data)
-    monkeypatch.setattr("lib_merge.engine.sha256_file", no_data)  # hashing reads whole files too
+    monkeypatch.setattr("lib_merge.engine.run.sha256_file", no_data)  # hashing reads whole files too
     out = out_dir / "m.safetensors"
     for pair in ([models.sd1_a, models.sdxl_a], [models.sdxl_a, models.sd1_a]):
         with pytest.raises(ArchitectureMismatchError) as err:

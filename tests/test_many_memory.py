@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import lib_merge.engine as engine
+import lib_merge.engine.produce as engine_produce
+import lib_merge.engine.run as engine_run
 from lib_merge.cli import main
 from lib_merge.errors import BadParameterError, MemoryBudgetError
 from lib_merge.io.reader import open_checkpoint
@@ -47,7 +49,7 @@ def test_results_do_not_depend_on_threads_or_chunks(models, tmp_path, monkeypatc
         assert one == three, method
     recipe = Recipe("dare", tuple(models), seed=3, params={"vote": "count"})
     default = merged(recipe, tmp_path / "a.safetensors", threads=2)
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4096 + 512)  # chunks not aligned with the RNG blocks
+    monkeypatch.setattr(engine_produce, "CHUNK_ELEMENTS", 4096 + 512)  # chunks not aligned with the RNG blocks
     assert merged(recipe, tmp_path / "b.safetensors", threads=2) == default
 
 
@@ -85,7 +87,7 @@ def test_max_memory_gate_keeps_keys_in_flight_under_the_cap(models, tmp_path, mo
         r.close()
     lock = threading.Lock()
     state = {"now": 0, "peak": 0, "keys": 0, "most_keys": 0}
-    produce = engine.produce_job
+    produce = engine_run.produce_job
 
     def tracking(plan, job, counters=None):
         need = job_bytes(plan, job)
@@ -101,7 +103,7 @@ def test_max_memory_gate_keeps_keys_in_flight_under_the_cap(models, tmp_path, mo
                 state["now"] -= need
                 state["keys"] -= 1
 
-    monkeypatch.setattr(engine, "produce_job", tracking)
+    monkeypatch.setattr(engine_run, "produce_job", tracking)
     lines = []
     engine.merge(Recipe("tgmd", tuple(models)), tmp_path / "out.safetensors", threads=4, max_memory=cap,
                  hash_inputs=False, on_plan=lines.append)
@@ -201,7 +203,7 @@ def test_every_method_stays_within_the_bound_the_plan_prints():
     must stay within job_bytes, the per-key figure behind the printed 'working set ≤' bound."""
     script = textwrap.dedent("""
         import json, os, resource, types, torch
-        import lib_merge.engine as engine
+        from lib_merge.engine.produce import produce_job
         from lib_merge.io.reader import TensorDictReader
         from lib_merge.many import job_bytes
         from lib_merge.methods import all_methods
@@ -221,7 +223,7 @@ def test_every_method_stays_within_the_bound_the_plan_prints():
         for spec in all_methods():
             count = max(spec.min_models, 3) if spec.max_models is None else spec.min_models
             plan, job = setup(spec, models, count)
-            for _ in engine.produce_job(plan, job):  # kernels, thread buffers and the allocator warm
+            for _ in produce_job(plan, job):  # kernels, thread buffers and the allocator warm
                 pass
             lazy = getattr(spec.fn, "lazy_inputs", False)
             mapped = (2 if lazy else count) * 2 * n
@@ -229,7 +231,7 @@ def test_every_method_stays_within_the_bound_the_plan_prints():
             pid = os.fork()
             if pid == 0:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                for _ in engine.produce_job(plan, job):
+                for _ in produce_job(plan, job):
                     pass
                 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                 os.write(write, json.dumps([spec.name, after - before + mapped, job_bytes(plan, job)]).encode())

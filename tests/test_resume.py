@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import lib_merge.engine as engine
+import lib_merge.engine.run as engine_run
 import lib_merge.resume as resume
 from lib_merge.cli import main
 from lib_merge.errors import MergeCancelled, ResumeError
@@ -43,7 +44,7 @@ def flush_often(monkeypatch):
 
 
 def fail_after(monkeypatch, count: int, error: BaseException) -> None:
-    produce = engine.produce_job
+    produce = engine_run.produce_job
     calls = {"n": 0}
     lock = threading.Lock()
 
@@ -55,7 +56,7 @@ def fail_after(monkeypatch, count: int, error: BaseException) -> None:
             raise error
         yield from produce(plan, job, counters)
 
-    monkeypatch.setattr(engine, "produce_job", failing)
+    monkeypatch.setattr(engine_run, "produce_job", failing)
 
 
 def test_failure_mid_merge_then_resume_equals_uninterrupted(models, reference, tmp_path, monkeypatch):
@@ -96,7 +97,7 @@ def test_hard_kill_then_resume(models, reference, tmp_path):
     out = tmp_path / "out.safetensors"
     script = textwrap.dedent(f"""
         import os, threading
-        import lib_merge.engine as engine, lib_merge.resume as resume
+        import lib_merge.engine.run as engine, lib_merge.resume as resume  # run: where execute looks produce_job up
         from lib_merge.recipe import Recipe
         resume.FLUSH_SECONDS = 0.0
         produce, lock, seen = engine.produce_job, threading.Lock(), [0]

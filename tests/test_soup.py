@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lib_merge.soup as soup_module
+import lib_merge.soup.sums as soup_sums
 from lib_merge.cli import main
 from lib_merge.errors import ArchitectureMismatchError, CorruptPotError, NonFiniteError, SoupError
 from lib_merge.io.reader import open_checkpoint
@@ -119,7 +119,7 @@ def test_errors_leave_the_pot_unchanged(models, tmp_path, monkeypatch):
     def crash(*args, **kwargs):  # a failure in the middle of rewriting the sums
         raise OSError("disk gone")
 
-    monkeypatch.setattr(soup_module, "_update_key", crash)
+    monkeypatch.setattr(soup_sums, "_update_key", crash)
     with pytest.raises(OSError):
         pot.add([models[2]])
     monkeypatch.undo()

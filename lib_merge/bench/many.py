@@ -216,12 +216,13 @@ def _merge_worker(kind: str, payload: dict) -> dict:
     import threading
 
     from .. import engine
+    from ..engine import run as engine_run  # where execute looks produce_job up
     from ..methods import task_vector
     from ..recipe import Recipe
 
     per_key = {"cpu": 0.0, "median_cpu": 0.0, "work": 0, "updates": []}
     lock = threading.Lock()
-    produce, gm = engine.produce_job, task_vector.geometric_median_rows
+    produce, gm = engine_run.produce_job, task_vector.geometric_median_rows
 
     def timed_produce(plan, job, counters=None):  # CPU seconds of the worker thread per key
         begin = time.thread_time()
@@ -239,7 +240,7 @@ def _merge_worker(kind: str, payload: dict) -> dict:
             per_key["updates"].append(out[1])
         return out
 
-    engine.produce_job, task_vector.geometric_median_rows = timed_produce, timed_median
+    engine_run.produce_job, task_vector.geometric_median_rows = timed_produce, timed_median
     bound = {}
     result = engine.merge(
         Recipe(kind, tuple(payload["models"]), seed=241011), payload["out"], threads=payload["threads"] or None,
