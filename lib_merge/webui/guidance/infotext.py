@@ -55,6 +55,41 @@ INFOTEXT_KEYS: dict[str, str] = {
     "dynthres_variability_measure": "UG DynThres measure",
     "dynthres_interpolate_phi": "UG DynThres phi",
     "dynthres_hires": "UG DynThres hires",
+    "apg_enabled": "UG APG",
+    "apg_eta": "UG APG eta",
+    "apg_norm_threshold": "UG APG norm threshold",
+    "apg_momentum": "UG APG momentum",
+    "apg_form": "UG APG form",
+    "apg_hires": "UG APG hires",
+    "cfgzero_enabled": "UG CFG-Zero",
+    "cfgzero_optimized_scale": "UG CFG-Zero optimized scale",
+    "cfgzero_zero_init_steps": "UG CFG-Zero zero-init steps",
+    "cfgzero_form": "UG CFG-Zero form",
+    "cfgzero_hires": "UG CFG-Zero hires",
+    "tcfg_enabled": "UG TCFG",
+    "tcfg_hires": "UG TCFG hires",
+    "mahiro_enabled": "UG MaHiRo",
+    "mahiro_hires": "UG MaHiRo hires",
+    "skimmed_enabled": "UG Skimmed CFG",
+    "skimmed_scale": "UG Skimmed scale",
+    "skimmed_mode": "UG Skimmed mode",
+    "skimmed_full_negative": "UG Skimmed full negative",
+    "skimmed_flipping_filter": "UG Skimmed flipping filter",
+    "skimmed_hires": "UG Skimmed hires",
+    "fdg_enabled": "UG FDG",
+    "fdg_high_scale": "UG FDG high scale",
+    "fdg_hires": "UG FDG hires",
+    "nag_scale": "UG NAG scale",
+    "nag_tau": "UG NAG tau",
+    "nag_alpha": "UG NAG alpha",
+    "nag_layers": "UG NAG layers",
+    "nag_start": "UG NAG start",
+    "nag_end": "UG NAG end",
+    "nag_hires": "UG NAG hires",
+    "cfg_interval": "UG CFG interval",
+    "cfg_interval_low": "UG CFG interval low",
+    "cfg_interval_high": "UG CFG interval high",
+    "cfg_interval_hires": "UG CFG interval hires",
 }
 RESCALE_SPACE_KEY = "UG rescale space"
 assert set(INFOTEXT_KEYS) == set(GuidanceSettings.field_names()), "every settings field needs an infotext key"
@@ -70,7 +105,11 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
               "freeu_start", "freeu_end", "freeu_hires"),
     "rescale": ("rescale_phi", "rescale_hires"),
     "dynthres": tuple(f for f in GuidanceSettings.field_names() if f.startswith("dynthres_")),
+    **{m: tuple(f for f in GuidanceSettings.field_names() if f.startswith(m + "_"))
+       for m in ("apg", "cfgzero", "tcfg", "mahiro", "skimmed", "fdg", "nag")},
+    "cfg_interval": ("cfg_interval", "cfg_interval_low", "cfg_interval_high", "cfg_interval_hires"),
 }
+assert sorted(f for names in METHOD_FIELDS.values() for f in names) == sorted(GuidanceSettings.field_names())
 
 # A field's default gives the type its infotext text is parsed as, and the value a missing key falls back to.
 DEFAULT_SETTINGS = GuidanceSettings()
@@ -86,6 +125,14 @@ def _method_on(settings: GuidanceSettings, method: str) -> bool:
         "freeu": s.freeu_enabled,
         "rescale": s.rescale_on,
         "dynthres": s.dynthres_enabled,
+        "apg": s.apg_enabled,
+        "cfgzero": s.cfgzero_enabled,
+        "tcfg": s.tcfg_enabled,
+        "mahiro": s.mahiro_enabled,
+        "skimmed": s.skimmed_enabled,
+        "fdg": s.fdg_enabled,
+        "nag": s.nag_on,
+        "cfg_interval": s.cfg_interval,
     }[method]
 
 

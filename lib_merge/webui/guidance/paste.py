@@ -10,7 +10,7 @@ import math
 from typing import Any, Callable, Mapping, Optional
 
 from ...errors import BadParameterError
-from .controls import CONTROL_DEFAULTS, METHOD_SWITCH, SCALE_SWITCHES
+from .controls import CONTROL_DEFAULTS, METHOD_SWITCH, OPEN_SIGMA, SCALE_SWITCHES
 from .infotext import DEFAULT_SETTINGS, INFOTEXT_KEYS, METHOD_FIELDS, Warn, parse_field
 from .legacy import LEGACY_PARSERS, UNREADABLE
 from .console import log
@@ -96,6 +96,8 @@ def _fields_to_controls(method: str, fields: dict[str, Any]) -> dict[str, Any]:
             del out["seg_sigma"]
     if "freeu_version" in fields:
         out["freeu_version"] = str(fields["freeu_version"])
+    if math.isinf(fields.get("cfg_interval_high", 0.0)):
+        out["cfg_interval_high"] = OPEN_SIGMA
     return out
 
 

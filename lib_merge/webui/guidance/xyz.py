@@ -78,6 +78,9 @@ def _confirm(control: Control) -> Callable[[list], None]:
 _SWITCH_AXIS_LABELS = {
     "cfgpp_enabled": "CFGpp on", "pag_enabled": "PAG on", "seg_enabled": "SEG on",
     "rescale_enabled": "rescale on", "freeu_enabled": "FreeU on", "dynthres_enabled": "DynThres on",
+    "apg_enabled": "APG on", "cfgzero_enabled": "CFG-Zero on", "tcfg_enabled": "TCFG on",
+    "mahiro_enabled": "MaHiRo on", "skimmed_enabled": "Skimmed CFG on", "fdg_enabled": "FDG on",
+    "nag_enabled": "NAG on", "cfg_interval": "CFG interval on",
 }
 
 
