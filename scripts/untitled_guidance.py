@@ -1,5 +1,6 @@
-"""Untitled Guidance: sample with no prompt, and CFG++, PAG, SEG, FreeU, CFG rescale and dynamic
-thresholding, on A1111 1.10 and Forge. An always-visible script; this file only wires the WebUI
+"""Untitled Guidance: sample with no prompt, and CFG++, PAG, SEG, FreeU, CFG rescale, dynamic
+thresholding, the alternative combiners (APG, CFG-Zero*, TCFG, MaHiRo, Skimmed CFG, FDG), NAG and
+the CFG interval, on A1111 1.10 and Forge. An always-visible script; this file only wires the WebUI
 to ``lib_merge.webui.guidance`` (the controls in ``controls`` and ``ui``, API args in ``args``,
 infotext in ``infotext`` and ``paste``, the sampling hooks in the ``a1111`` / ``forge`` adapters,
 X/Y/Z axes in ``xyz``).
@@ -50,7 +51,9 @@ class UntitledGuidanceScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        components = guidance_ui.build_ui(gr, self.elem_id)
+        extras = {}
+        components = guidance_ui.build_ui(gr, self.elem_id, extras)
+        guidance_ui.connect_conflict_message(components, extras["conflict"])
         self.paste_cache = guidance_paste.PasteCache()
         self.infotext_fields = guidance_ui.infotext_fields(components, self.paste_cache)
         self.paste_field_names = guidance_ui.send_to_names()

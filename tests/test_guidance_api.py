@@ -32,6 +32,9 @@ def _model_calls(model) -> int:
     ([{"pag_scal": 3}], "pag_scal"),
     ([{"seg_scale": 2, "seg_sigma": -1}], "seg_sigma"),
     ([{"pag_scale": 3}, {"seg_scale": 2}], "one dict"),
+    # Two combiners: one message naming both, never one of them dropped silently.
+    ([{"apg_enabled": True, "tcfg_enabled": True}], "APG and TCFG each replace the CFG combine"),
+    ([{"nag_scale": 3, "nag_tau": 0.5}], "nag_tau"),
 ])
 def test_bad_args_fail_before_sampling_with_one_line(name, args, named, capsys):
     with host.installed(name):

@@ -259,7 +259,8 @@ def test_api_errors_name_the_problem():
 
 def test_axes_cover_every_parameter_and_set_p_attributes():
     labels = [a.label for a in xyz_guidance.AXES]
-    assert len(labels) == len(set(labels)) == len(guidance_controls.CONTROLS) - 1
+    # One per control except seg_sigma_inf, plus the combiner axis.
+    assert len(labels) == len(set(labels)) == len(guidance_controls.CONTROLS) - 1 + 1
     for name in ("pag_scale", "seg_sigma", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "rescale_phi",
                  "dynthres_mimic_scale", "untitled", "pag_start", "seg_end", "freeu_end"):
         assert xyz_guidance.axis_label(name) in labels
@@ -305,3 +306,147 @@ def test_build_ui_makes_every_control_in_order():
     slider = comps[guidance_controls.CONTROL_NAMES.index("pag_scale")]
     assert (slider.minimum, slider.maximum) == (0.0, 20.0)
 
+
+
+# ----------------------------------------------------------------- the guidance frontier methods
+
+FRONTIER = GuidanceSettings(
+    nag_scale=4.0, nag_tau=3.0, nag_alpha=0.5, nag_layers="IN07,M00", nag_start=1.0, nag_end=0.8, nag_hires=False,
+    cfg_interval=True, cfg_interval_low=0.5, cfg_interval_high=math.inf, cfg_interval_hires=False,
+)
+ONE_COMBINER_EACH = [
+    FRONTIER.replace(apg_enabled=True, apg_eta=0.3, apg_norm_threshold=12.5, apg_momentum=-0.75, apg_form="comfyui",
+                     apg_hires=False),
+    FRONTIER.replace(cfgzero_enabled=True, cfgzero_optimized_scale=False, cfgzero_zero_init_steps=2,
+                     cfgzero_form="comfyui", cfgzero_hires=False),
+    FRONTIER.replace(tcfg_enabled=True, tcfg_hires=False),
+    FRONTIER.replace(mahiro_enabled=True, mahiro_hires=False),
+    FRONTIER.replace(skimmed_enabled=True, skimmed_scale=5.5, skimmed_mode="linear", skimmed_full_negative=True,
+                     skimmed_flipping_filter=False, skimmed_hires=False),
+    FRONTIER.replace(fdg_enabled=True, fdg_high_scale=10.5, fdg_hires=False),
+]
+
+
+@pytest.mark.parametrize("settings", ONE_COMBINER_EACH, ids=lambda s: s.combiner)
+def test_frontier_write_then_paste_restores_every_key(settings):
+    extra = {}
+    guidance_infotext.write_infotext(extra, settings)
+    combiner = settings.combiner
+    assert {k for k in extra if k in guidance_infotext.ALL_OUR_KEYS} == {
+        guidance_infotext.INFOTEXT_KEYS[f]
+        for m in (combiner, "nag", "cfg_interval") for f in guidance_infotext.METHOD_FIELDS[m]}
+    assert extra["UG CFG interval high"] == "inf" and extra["UG NAG scale"] == 4.0
+    text = infotext_line(extra)
+    params = itu.parse_generation_parameters(text)
+    for key in extra:
+        assert key in params, key
+    assert settings_after_paste(text) == settings
+    # The σ field shows an open bound as a finite σ above any schedule's (gradio sends inf as null).
+    assert paste(text)["cfg_interval_high"] == guidance_controls.OPEN_SIGMA
+    # Paste of an infotext without the frontier keys switches them all off.
+    values = paste(infotext_line({}))
+    for switch in ("apg_enabled", "cfgzero_enabled", "tcfg_enabled", "mahiro_enabled", "skimmed_enabled",
+                   "fdg_enabled", "nag_enabled", "cfg_interval"):
+        assert values[switch] is False, switch
+
+
+def test_frontier_keys_are_written_only_when_active():
+    extra = {}
+    # Parameters moved away from their defaults but every method off: no key.
+    guidance_infotext.write_infotext(extra, GuidanceSettings(apg_eta=0.7, nag_tau=4.0, fdg_high_scale=3.0,
+                                                             cfg_interval_low=1.0, skimmed_scale=2.0))
+    assert not (set(extra) & guidance_infotext.ALL_OUR_KEYS)
+    guidance_infotext.write_infotext(extra, GuidanceSettings(nag_scale=2.0))
+    assert set(extra) == {guidance_infotext.INFOTEXT_KEYS[f] for f in guidance_infotext.METHOD_FIELDS["nag"]}
+
+
+def test_reforge_keys_paste_as_apg_cfg_interval_and_mahiro():
+    warnings = []
+    text = infotext_line({
+        "apgisyourcfg_enabled": True, "apgisyourcfg_momentum": 0.5, "apgisyourcfg_adaptive_momentum": 0.18,
+        "apgisyourcfg_norm_thr": 15.0, "apgisyourcfg_eta": 1.0,
+        "guidance_limiter_enabled": True, "guidance_sigma_start": 5.42, "guidance_sigma_end": -1.0,
+    })
+    values = paste(text, warn=warnings.append)
+    s = settings_after_paste(text)
+    assert s.apg_enabled and (s.apg_momentum, s.apg_norm_threshold, s.apg_eta, s.apg_form) == (0.5, 15.0, 1.0, "paper")
+    assert s.cfg_interval and (s.cfg_interval_low, s.cfg_interval_high) == (0.0, 5.42)
+    assert values["mahiro_enabled"] is False
+    assert len(warnings) == 1 and "adaptive momentum 0.18" in warnings[0]
+    s = settings_after_paste(infotext_line({"mahiro_cfg_enabled": True}))
+    assert s.mahiro_enabled and not s.apg_enabled and not s.cfg_interval
+    # Our keys win over reForge's for the same method.
+    extra = {}
+    guidance_infotext.write_infotext(extra, GuidanceSettings(apg_enabled=True, apg_eta=0.25))
+    s = settings_after_paste(infotext_line({**extra, "apgisyourcfg_enabled": True, "apgisyourcfg_eta": 1.0}))
+    assert s.apg_eta == 0.25
+
+
+def test_frontier_api_names_switches_and_conflict():
+    s = guidance_args.settings_from_args([{"nag_scale": 3, "apg_enabled": True, "apg_eta": 0.5, "cfg_interval": "true",
+                                           "cfg_interval_high": "inf"}])
+    assert s.nag_on and s.nag_scale == 3 and s.apg_enabled and s.apg_eta == 0.5 and s.cfg_interval
+    assert math.isinf(s.cfg_interval_high)
+    assert guidance_args.settings_from_args([{"nag_enabled": True}]).nag_scale == 3.0  # the UI's default φ
+    assert not guidance_args.settings_from_args([{"nag_enabled": False, "nag_scale": 4}]).nag_on
+    assert guidance_args.settings_from_args([{"cfgzero_enabled": True, "cfgzero_zero_init_steps": 2}]).cfgzero_zero_init_steps == 2
+    with pytest.raises(BadParameterError, match="APG and FDG each replace the CFG combine") as err:
+        guidance_args.settings_from_args([{"apg_enabled": True, "fdg_enabled": True}])
+    assert "\n" not in str(err.value)
+    positional = [guidance_controls.controls_from_settings(s)[c.name] for c in guidance_controls.CONTROLS]
+    assert guidance_args.settings_from_args(positional).replace(cfg_interval_high=math.inf) == s
+
+
+def test_frontier_axes_for_every_numeric_parameter_and_the_combiner():
+    labels = {a.label: a for a in xyz_guidance.AXES}
+    numeric = [c.name for c in guidance_controls.CONTROLS
+               if c.kind in ("slider", "number") and c.method in guidance_controls.METHOD_SWITCH
+               and c.method not in ("untitled", "cfgpp", "pag", "seg", "freeu", "rescale", "dynthres")]
+    assert set(numeric) >= {"apg_eta", "apg_norm_threshold", "apg_momentum", "cfgzero_zero_init_steps", "skimmed_scale",
+                            "fdg_high_scale", "nag_scale", "nag_tau", "nag_alpha", "nag_start", "nag_end",
+                            "cfg_interval_low", "cfg_interval_high"}
+    for name in numeric:
+        assert labels[xyz_guidance.axis_label(name)].type is float, name
+    combiner = labels["[Untitled Guidance] combiner"]
+    assert combiner.choices() == ["CFG", "APG", "CFG-Zero*", "TCFG", "MaHiRo", "Skimmed CFG", "FDG"]
+    combiner.confirm(combiner.choices())
+    with pytest.raises(BadParameterError, match="choose one of CFG, APG"):
+        combiner.confirm(["APG", "PAG"])
+
+    start = {**guidance_controls.CONTROL_DEFAULTS, "apg_enabled": True}  # the UI had APG on
+    for choice, expected in (("TCFG", "tcfg"), ("CFG", "cfg"), ("fdg", "fdg"), ("CFG-Zero*", "cfgzero")):
+        p = types.SimpleNamespace()
+        combiner.apply(p, choice)
+        # A combiner parameter axis in the same cell does not switch its combiner back on.
+        labels[xyz_guidance.axis_label("apg_eta")].apply(p, 0.5)
+        s = guidance_controls.settings_from_controls(xyz_guidance.apply_p_overrides(start, p))
+        assert s.combiner == expected and s.apg_eta == 0.5
+    # Without the combiner axis, a parameter axis switches its method on; a second combiner is refused.
+    p = types.SimpleNamespace()
+    labels[xyz_guidance.axis_label("nag_tau")].apply(p, 3.5)
+    s = guidance_controls.settings_from_controls(xyz_guidance.apply_p_overrides(guidance_controls.CONTROL_DEFAULTS, p))
+    assert s.nag_on and s.nag_scale == 3.0 and s.nag_tau == 3.5
+    labels[xyz_guidance.axis_label("fdg_high_scale")].apply(p, 8.0)
+    with pytest.raises(BadParameterError, match="APG and FDG"):
+        guidance_controls.settings_from_controls(xyz_guidance.apply_p_overrides(start, p))
+
+
+def test_frontier_ui_sections_collapsed_with_tooltips_and_the_conflict_line():
+    gr = _fake_gradio()
+    extras = {}
+    comps = guidance_ui.build_ui(gr, lambda item: f"ug_{item}", extras)
+    by_name = dict(zip(guidance_controls.CONTROL_NAMES, comps))
+    for name in ("apg_enabled", "apg_eta", "cfgzero_zero_init_steps", "skimmed_scale", "fdg_high_scale", "nag_scale",
+                 "cfg_interval"):
+        assert by_name[name].kwargs.get("info"), name  # a tooltip with the recommended values
+    assert "3" in by_name["nag_scale"].kwargs["info"] and "0.28, 5.42" in by_name["cfg_interval"].kwargs["info"]
+    assert isinstance(extras["conflict"], gr.Markdown) and extras["conflict"].value == ""
+
+    names = guidance_ui.CONFLICT_INPUTS
+    def line(**on):
+        return guidance_ui.conflict_message(*(on.get(n, False) for n in names))
+    assert line() == "" and line(apg_enabled=True, nag_enabled=True) == "" and line(fdg_enabled=True) == ""
+    message = line(mahiro_enabled=True, skimmed_enabled=True)
+    assert "MaHiRo and Skimmed CFG each replace the CFG combine" in message
+    assert "CFG++ and TCFG" in line(cfgpp_enabled=True, tcfg_enabled=True)
+    assert "CFG interval" in line(cfgpp_enabled=True, cfg_interval=True)

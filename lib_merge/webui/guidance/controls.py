@@ -222,7 +222,8 @@ def settings_from_controls(values: Mapping[str, Any]) -> GuidanceSettings:
     """The settings a set of control values means (missing controls take their defaults).
 
     A scale method is on when its switch is on and its scale is > 0; ``seg_sigma_inf`` (or an
-    infinite ``seg_sigma``) gives σ = ∞. Bad values raise ``BadParameterError`` naming the control.
+    infinite ``seg_sigma``) gives σ = ∞, and a CFG interval high bound of ``OPEN_SIGMA`` or more
+    an open one (∞). Bad values raise ``BadParameterError`` naming the control.
     """
     unknown = sorted(set(values) - set(CONTROL_NAMES))
     if unknown:
@@ -238,6 +239,8 @@ def settings_from_controls(values: Mapping[str, Any]) -> GuidanceSettings:
             fields[scale] = 0.0
     if v["seg_sigma_inf"] or math.isinf(v["seg_sigma"]):
         fields["seg_sigma"] = math.inf
+    if fields["cfg_interval_high"] >= OPEN_SIGMA:
+        fields["cfg_interval_high"] = math.inf  # the same run either way; inf in the infotext says "open"
     return GuidanceSettings.from_mapping(fields)
 
 

@@ -1,5 +1,6 @@
 """Paste from the infotext keys of the extensions whose methods we replace: incantations (PAG,
-SEG), sd-webui-freeu and sd-dynamic-thresholding.
+SEG), sd-webui-freeu, sd-dynamic-thresholding, and reForge's built-in APG / guidance limiter and
+MaHiRo scripts.
 
 Their meanings differ from ours (incantations' SEG has no scale and a σ exponent, sd-webui-freeu's
 window is half-open), so each parser maps the values into our settings fields, never "key present
@@ -190,4 +191,66 @@ def _legacy_dynthres(params: Mapping[str, str], warn: Warn) -> Optional[dict[str
     return fields
 
 
-LEGACY_PARSERS = {"pag": _legacy_pag, "seg": _legacy_seg, "freeu": _legacy_freeu, "dynthres": _legacy_dynthres}
+def _legacy_reforge_apg(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """reForge's "APG's now your CFG" keys (``apgisyourcfg_*``, written only while enabled).
+
+    Its guidance is the paper form D_c + (w − 1)·g' (our ``paper``), η weighting the parallel part
+    as ours; its projection is on x − D_c instead of D_c and its momentum fades with the
+    timestep ("adaptive momentum"), which we do not have: pasted as constant momentum, said once.
+    """
+    keys = ("apgisyourcfg_enabled", "apgisyourcfg_momentum", "apgisyourcfg_norm_thr", "apgisyourcfg_eta")
+    if not any(k in params for k in keys):
+        return None
+    try:
+        fields = {
+            "apg_enabled": parse_bool(params.get("apgisyourcfg_enabled", "True")),
+            "apg_momentum": parse_float(params.get("apgisyourcfg_momentum", "0.5")),
+            "apg_norm_threshold": parse_float(params.get("apgisyourcfg_norm_thr", "15")),
+            "apg_eta": parse_float(params.get("apgisyourcfg_eta", "1")),
+            "apg_form": "paper",
+        }
+        adaptive = parse_float(params.get("apgisyourcfg_adaptive_momentum", "0"))
+    except ValueError:
+        warn("reForge APG keys have an unreadable value; APG left as it is")
+        return UNREADABLE
+    if fields["apg_enabled"] and adaptive != 0 and fields["apg_momentum"] != 0:
+        warn(f"reForge APG adaptive momentum {adaptive:g} is not supported: momentum {fields['apg_momentum']:g} "
+             "is constant here, and reForge projects on x − D_c, so the image will differ")
+    return fields
+
+
+def _legacy_reforge_limiter(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """reForge's guidance limiter (in its APG script): guidance for σ in (end, start], as ours;
+    a bound of −1 is open."""
+    keys = ("guidance_limiter_enabled", "guidance_sigma_start", "guidance_sigma_end")
+    if not any(k in params for k in keys):
+        return None
+    try:
+        high = parse_float(params.get("guidance_sigma_start", "5.42"))
+        low = parse_float(params.get("guidance_sigma_end", "0.28"))
+        fields = {
+            "cfg_interval": parse_bool(params.get("guidance_limiter_enabled", "True")),
+            "cfg_interval_high": math.inf if high < 0 else high,
+            "cfg_interval_low": 0.0 if low < 0 else low,
+        }
+    except ValueError:
+        warn("reForge guidance limiter keys have an unreadable value; CFG interval left as it is")
+        return UNREADABLE
+    return fields
+
+
+def _legacy_reforge_mahiro(params: Mapping[str, str], warn: Warn) -> Optional[dict[str, Any]]:
+    """reForge's MaHiRo key ``mahiro_cfg_enabled`` (its only setting)."""
+    if "mahiro_cfg_enabled" not in params:
+        return None
+    try:
+        return {"mahiro_enabled": parse_bool(params["mahiro_cfg_enabled"])}
+    except ValueError:
+        warn("reForge mahiro_cfg_enabled has an unreadable value; MaHiRo left as it is")
+        return UNREADABLE
+
+
+LEGACY_PARSERS = {
+    "pag": _legacy_pag, "seg": _legacy_seg, "freeu": _legacy_freeu, "dynthres": _legacy_dynthres,
+    "apg": _legacy_reforge_apg, "cfg_interval": _legacy_reforge_limiter, "mahiro": _legacy_reforge_mahiro,
+}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from ...guidance.settings import coerce
+from ...errors import BadParameterError
+from ...guidance.settings import COMBINER_LABELS, coerce
 from .controls import CONTROLS, METHOD_SWITCH, SCALE_SWITCHES, Control, as_bool, settings_from_controls
 from .infotext import INFOTEXT_KEYS
 from ..hosts.xyz import AxisDef
@@ -28,10 +29,17 @@ def apply_p_overrides(values: Mapping[str, Any], p: Any) -> dict[str, Any]:
     """Control values with X/Y/Z overrides (``p.untitled_guidance_<name>``) applied.
 
     An axis on a method's parameter switches that method on (as sd-dynamic-thresholding and
-    incantations do), unless the same cell also sets the method's switch explicitly.
+    incantations do), unless the same cell also sets the method's switch explicitly or the
+    combiner axis picks the combiner.
     """
     out = dict(values)
     switched: set[str] = set()
+    if hasattr(p, p_attr(COMBINER_AXIS)):
+        # The combiner axis sets every combiner switch; a combiner's parameter axis then does not.
+        chosen = combiner_name(getattr(p, p_attr(COMBINER_AXIS)))
+        for name in COMBINER_LABELS:
+            out[f"{name}_enabled"] = name == chosen
+            switched.add(f"{name}_enabled")
     for control in CONTROLS:
         attr = p_attr(control.name)
         if not hasattr(p, attr):
@@ -104,5 +112,31 @@ def _axis_for(control: Control) -> AxisDef:
     return AxisDef(label, axis_type, _setter(control.name), confirm=confirm)
 
 
+# The combiner axis: one cell per combiner (plain CFG included), switching the others off.
+COMBINER_AXIS = "combiner"
+COMBINER_CHOICES = ("CFG",) + tuple(COMBINER_LABELS.values())
+
+
+def combiner_name(value: Any) -> str:
+    """"cfg" or the combiner's field prefix, from its label or prefix (any case)."""
+    text = str(value).strip().lower()
+    names = {"cfg": "cfg", **{label.lower(): n for n, label in COMBINER_LABELS.items()},
+             **{n: n for n in COMBINER_LABELS}}
+    if text not in names:
+        raise BadParameterError(f"combiner {value!r}: choose one of {', '.join(COMBINER_CHOICES)}")
+    return names[text]
+
+
+def _combiner_axis() -> AxisDef:
+    def confirm(values: list) -> None:
+        for value in values:
+            name = combiner_name(value)
+            if name != "cfg":
+                settings_from_controls({f"{name}_enabled": True})
+
+    return AxisDef(AXIS_PREFIX + "combiner", str, _setter(COMBINER_AXIS), choices=lambda: list(COMBINER_CHOICES),
+                   confirm=confirm)
+
+
 # One axis per control except the σ = ∞ switch (an infinite σ is typed as "inf" on the σ axis).
-AXES: tuple[AxisDef, ...] = tuple(_axis_for(c) for c in CONTROLS if c.name != "seg_sigma_inf")
+AXES: tuple[AxisDef, ...] = tuple(_axis_for(c) for c in CONTROLS if c.name != "seg_sigma_inf") + (_combiner_axis(),)
