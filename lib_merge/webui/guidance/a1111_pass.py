@@ -26,9 +26,9 @@ from typing import Any, Optional
 import torch
 
 from ...errors import BadParameterError
-from ...guidance.hooks import AttentionPerturbations, install_freeu
+from ...guidance.hooks import AttentionPerturbations, NagHooks, install_freeu, install_nag
 from .console import log_once
-from .guided_pass import GuidedPass, StepContext
+from .guided_pass import GuidedPass, StepContext, add_seen, is_timestep_denoiser
 
 
 def _take_rows(obj: Any, index: torch.Tensor, n: int) -> Any:
@@ -60,7 +60,9 @@ class A1111Pass(GuidedPass):
         self.seg_layers = list(seg_layers)
         self.model_channels = model_channels
         self.perturb: Optional[AttentionPerturbations] = None
-        self.eps_space = _is_timestep_denoiser(denoiser)
+        self.nag: Optional[NagHooks] = None
+        self.freeu = None
+        self.eps_space = is_timestep_denoiser(denoiser)
 
     def install_step_hooks(self, ctx: StepContext) -> list:
         handles = []
@@ -75,9 +77,42 @@ class A1111Pass(GuidedPass):
                 pag, seg, pag_rows=None, seg_rows=None, seg_sigma=self.settings.seg_sigma, latent_hw=tuple(ctx.x.shape[-2:])
             )
             handles.append(self.perturb)
+        self.freeu = None
         if plan.freeu and self.model_channels:
-            handles.append(install_freeu(self.diffusion_model, self.settings, model_channels=self.model_channels, active=lambda: True))
+            self.freeu = install_freeu(self.diffusion_model, self.settings, model_channels=self.model_channels, active=lambda: True)
+            handles.append(self.freeu)
+        self.nag = None
+        if plan.nag:
+            if ctx.nag_negative is None:
+                log_once("NAG skipped: the host passed no negative-prompt cross-attention context")
+            else:
+                s = self.settings
+                self.nag = install_nag(self.diffusion_model, layers=s.nag_layers, scale=s.nag_scale, tau=s.nag_tau,
+                                       alpha=s.nag_alpha)
+                handles.append(self.nag)
         return handles
+
+    def _collect(self, ctx: StepContext) -> None:
+        """What the hooks did in the forward that just ran."""
+        if self.perturb is not None:
+            for method, n in self.perturb.take_effect().items():
+                add_seen(ctx, method, n)
+        if self.nag is not None:
+            add_seen(ctx, "NAG", self.nag.take_effect())
+        if self.freeu is not None:
+            add_seen(ctx, "FreeU", self.freeu.take_effect())
+
+    def _set_nag_rows(self, ctx: StepContext, cond_images: list, n_cond_rows: int, extra_blocks: list, batch: int) -> None:
+        """Guide the chunk's cond rows (the first ``n_cond_rows``) and its PAG/SEG copies, each
+        against the negative context of its own image."""
+        if self.nag is None:
+            return
+        rows = [slice(0, n_cond_rows)] + extra_blocks if n_cond_rows else []
+        if not rows:
+            self.nag.set_rows([], None)
+            return
+        per_row = ctx.nag_negative[torch.tensor(cond_images, device=ctx.nag_negative.device, dtype=torch.long)]
+        self.nag.set_rows(rows, torch.cat([per_row] * len(rows)), batch_size=batch)
 
     def _run(self, orig, bound, ctx):
         if not self.rows_enabled:
@@ -118,8 +153,12 @@ class A1111Pass(GuidedPass):
         seg_src = cond_local if "seg" in plan.roles else []
         index = keep + pag_src + seg_src
 
+        row_img = [img for img, entry in enumerate(ctx.conds_list) for _ in entry]
+        cond_images = [row_img[lo + i] for i in cond_local if lo + i < len(row_img)]
         if index == list(range(n)):
+            self._set_nag_rows(ctx, cond_images, len(cond_images), [], n)
             out = inner_orig(x_in, sigma_in, *args, **kwargs)
+            self._collect(ctx)
             ctx.forwards += 1
             ctx.rows_run += n
         else:
@@ -135,11 +174,16 @@ class A1111Pass(GuidedPass):
                         seg_rows=slice(start + len(pag_src), len(index)) if seg_src else None,
                         batch_size=len(index),
                     )
+                start = len(keep)
+                blocks = [slice(start, start + len(pag_src))] if pag_src else []
+                blocks += [slice(start + len(pag_src), len(index))] if seg_src else []
+                self._set_nag_rows(ctx, cond_images, len(cond_images), blocks, len(index))
                 try:
                     res = inner_orig(x_in[idx], sigma_in[idx], *_take_rows(args, idx, n), **_take_rows(kwargs, idx, n))
                 finally:
                     if perturb is not None:
                         perturb.set_rows(pag_rows=None, seg_rows=None)
+                self._collect(ctx)
                 ctx.forwards += 1
                 ctx.rows_run += len(index)
                 out = out.to(res.dtype)
@@ -169,7 +213,9 @@ class A1111Pass(GuidedPass):
         n_cond = x_out.shape[0] - n_img
         # Rows the host itself skipped (NGMS, skip early CFG): it combines at scale 1 then.
         host_skipped = self.rows_enabled and ctx.offset < ctx.n_cond + n_img
-        if plan.is_trivial and not host_skipped:
+        self.report_hooks(ctx)
+        # While a check is pending, the stack's combine (plain CFG here) resolves the hook-only ones.
+        if plan.is_trivial and not host_skipped and not self.stack.effects.any_pending:
             return orig_combine(x_out, conds_list, uncond, cond_scale, *rest, **kwargs)
         d_pag = _gather(ctx.pag_out, n_cond) if plan.pag_scale else None
         d_seg = _gather(ctx.seg_out, n_cond) if plan.seg_scale else None
@@ -220,10 +266,3 @@ class A1111Pass(GuidedPass):
         return eps.to(d_cond.dtype)
 
 
-def _is_timestep_denoiser(denoiser) -> bool:
-    try:
-        from modules import sd_samplers_timesteps
-
-        return isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
-    except Exception:
-        return False

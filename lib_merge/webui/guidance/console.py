@@ -21,5 +21,12 @@ def log_once(message: str) -> None:
         log(message)
 
 
+def line_once(line: str) -> None:
+    """``log_once`` for a line that already carries our prefix (the proof-of-effect lines)."""
+    if line not in _logged:
+        _logged.add(line)
+        print(line, flush=True)
+
+
 def new_generation() -> None:
     _logged.clear()

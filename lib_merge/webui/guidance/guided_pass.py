@@ -58,6 +58,11 @@ class StepContext:
     in_fallback: bool = False
     extras: Optional[dict] = None
     host_scale: Optional[float] = None
+    # NAG: the host's negative-prompt cross-attention context, one row per image (taken before the
+    # untitled swap: the untitled uncond equals the cond, NAG needs the real negative prompt).
+    nag_negative: Optional[torch.Tensor] = None
+    # What the U-Net hooks did in this step's forwards, for the proof of effect.
+    seen: dict = dataclasses.field(default_factory=dict)
 
 
 class GuidedPass:
@@ -134,6 +139,7 @@ class GuidedPass:
             raise self.error
         bound = self.bind(orig, args, kwargs)
         a = bound.arguments
+        negative = negative_context(a.get("uncond"), int(getattr(self.denoiser, "step", 0) or 0)) if self.settings.nag_on else None
         if self.untitled is not None:
             cond, uncond = self.untitled.conds()
             x = a.get("x")
@@ -149,10 +155,11 @@ class GuidedPass:
         step = self.step_index()
         layout = conds_layout(a["cond"]) if hasattr(a.get("cond"), "batch") else None
         force = bool(layout) and any(abs(sum(w for _, w in entry) - 1.0) > 1e-6 for entry in layout)
-        plan = self.stack.plan(step, force_uncond=force, host_reads_uncond=self.host_reads_uncond())
         x, sigma = a["x"], a["sigma"]
+        plan = self.stack.plan(step, sigma=self.plan_sigma(x, sigma), force_uncond=force,
+                               host_reads_uncond=self.host_reads_uncond())
         n_cond, conds_list = self.row_layout(layout, x.shape[0])
-        ctx = StepContext(plan, step, n_cond, x.shape[0], conds_list, x, sigma)
+        ctx = StepContext(plan, step, n_cond, x.shape[0], conds_list, x, sigma, nag_negative=negative)
         self.current = ctx
         handles = []
         try:
@@ -166,6 +173,36 @@ class GuidedPass:
             self.rows_per_step.append(ctx.rows_run)
             self.forwards_per_step.append(ctx.forwards)
 
+    def plan_sigma(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The k-diffusion σ of this call (the CFG interval is keyed on it). Timestep samplers
+        (DDIM, PLMS, UniPC) pass an integer timestep t instead: σ = √((1 − ᾱ_t)/ᾱ_t)."""
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if is_timestep_denoiser(self.denoiser):
+            alphas = self.denoiser.alphas
+            a = alphas[sigma.to(dtype=torch.long, device=alphas.device)].float()
+            return ((1 - a) / a).sqrt().to(x.device)
+        return sigma.float()
+
+    def report_hooks(self, ctx: StepContext) -> None:
+        """Tell the stack what the U-Net hooks did in this step's forwards (before its combine)."""
+        stack, plan, seen = self.stack, ctx.plan, ctx.seen
+        if stack is None or not stack.effects.any_pending:
+            return
+        for method, on in (("PAG", plan.pag_scale), ("SEG", plan.seg_scale)):
+            if on and method in seen:
+                stack.note_hook(method, reached=seen[method] > 0)
+        if plan.nag:
+            applied, change, reference = seen.get("NAG", (0, 0.0, 0.0))
+            stack.note_hook("NAG", reached=applied > 0, max_change=change, reference=reference,
+                            reason="its guided attention equals the cond's (φ = 1, α = 0, or a negative equal to the prompt)")
+        if plan.freeu and "FreeU" in seen:
+            forwards, patched = seen["FreeU"]
+            if forwards and not patched:
+                stack.note_hook("FreeU", reached=True, max_change=0.0, reference=1.0,
+                                reason="no decoder stage has the 4×/2× model-channel width")
+            else:
+                stack.note_hook("FreeU", reached=forwards > 0)
+
     def host_reads_uncond(self) -> bool:
         """Whether the host's sampler reads the uncond rows itself: both hosts' *DDIM CFG++* set
         ``need_last_noise_uncond`` on this denoiser before its first call and renoise with them."""
@@ -176,6 +213,52 @@ class GuidedPass:
 
     def _run(self, orig: Callable, bound: inspect.BoundArguments, ctx: StepContext):
         return orig(*bound.args, **bound.kwargs)
+
+
+def add_seen(ctx: StepContext, method: str, counts) -> None:
+    """Accumulate a hook's ``take_effect()`` of one forward into the step's record."""
+    if method == "NAG":
+        n, c, r = ctx.seen.get("NAG", (0, 0.0, 0.0))
+        applied, change, reference = counts
+        ctx.seen["NAG"] = (n + applied, max(c, change), max(r, reference))
+    elif method == "FreeU":
+        f, p = ctx.seen.get("FreeU", (0, 0))
+        ctx.seen["FreeU"] = (f + counts[0], p + counts[1])
+    else:
+        ctx.seen[method] = ctx.seen.get(method, 0) + counts
+
+
+def crossattn_context(uncond) -> Optional[torch.Tensor]:
+    """The cross-attention context of the host's uncond (a tensor, or SDXL's dict with ``crossattn``)."""
+    if isinstance(uncond, dict):
+        uncond = uncond.get("crossattn")
+    return uncond if isinstance(uncond, torch.Tensor) and uncond.dim() == 3 else None
+
+
+def negative_context(uncond, call: int) -> Optional[torch.Tensor]:
+    """The negative prompt's cross-attention context at model call ``call``, one row per image.
+
+    Both hosts hand ``CFGDenoiser.forward`` the scheduled conditionings (``p.uc``) and build the
+    tensor inside it with ``prompt_parser.reconstruct_cond_batch``; we do the same, with the same
+    call counter, so prompt editing ``[a:b:0.5]`` in the negative is followed."""
+    if isinstance(uncond, (torch.Tensor, dict)):
+        return crossattn_context(uncond)
+    try:
+        from modules import prompt_parser
+
+        return crossattn_context(prompt_parser.reconstruct_cond_batch(uncond, call))
+    except Exception:
+        return None
+
+
+def is_timestep_denoiser(denoiser) -> bool:
+    """Whether ``denoiser`` is the host's ``CFGDenoiserTimesteps`` (DDIM, PLMS, UniPC: ε and timesteps)."""
+    try:
+        from modules import sd_samplers_timesteps
+
+        return isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps)
+    except Exception:
+        return False
 
 
 def install_pass(denoiser, guided: GuidedPass) -> GuidedPass:

@@ -93,7 +93,10 @@ INFOTEXT_KEYS: dict[str, str] = {
 }
 RESCALE_SPACE_KEY = "UG rescale space"
 assert set(INFOTEXT_KEYS) == set(GuidanceSettings.field_names()), "every settings field needs an infotext key"
-ALL_OUR_KEYS = frozenset(INFOTEXT_KEYS.values()) | {RESCALE_SPACE_KEY}
+# The proof-of-effect line ("Guidance check: NAG had no effect"), written after sampling; removed
+# with our other keys so an X/Y/Z cell never inherits another cell's verdict.
+EFFECT_KEY = "Guidance check"
+ALL_OUR_KEYS = frozenset(INFOTEXT_KEYS.values()) | {RESCALE_SPACE_KEY, EFFECT_KEY}
 
 # Which settings fields belong to which method (the first one is what turns it on).
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {

@@ -9,7 +9,8 @@ import math
 from typing import Optional
 
 from ...guidance.settings import GuidanceSettings
-from .console import TITLE
+from ...guidance.effect import INFOTEXT_KEY as EFFECT_KEY
+from .console import TITLE, line_once
 from .guided_pass import GuidedPass
 
 _PASSES_ATTR = "_untitled_guidance_passes"
@@ -60,9 +61,31 @@ def summary_line(passes: list, n_images: int) -> Optional[str]:
     return f"[{TITLE}] " + "; ".join(runs) if runs else None
 
 
+def report_effects(p, passes: list) -> Optional[str]:
+    """Proof of effect at the end of the batch's passes: each method that changed nothing gets one
+    console line saying why, and the infotext ``Guidance check: <method> had no effect; …``."""
+    texts: list[str] = []
+    for guided in passes:
+        stack = guided.stack
+        if stack is None or not guided.steps_seen:
+            continue
+        stack.finish()
+        for check in stack.effects.new_failures():
+            line_once(check.console_line)
+        for check in stack.effects.failures():
+            if check.text not in texts:
+                texts.append(check.text)
+    value = "; ".join(texts) if texts else None
+    params = getattr(p, "extra_generation_params", None)
+    if value is not None and isinstance(params, dict):
+        params[EFFECT_KEY] = value
+    return value
+
+
 def print_summary(p) -> None:
     """Print the line of the batch's passes and forget them (``postprocess_batch``)."""
     passes = p.__dict__.pop(_PASSES_ATTR, [])
+    report_effects(p, passes)
     line = summary_line(passes, len(getattr(p, "seeds", None) or [0]))
     if line:
         print(line, flush=True)
