@@ -33,12 +33,13 @@ import torch
 
 from ...errors import BadParameterError
 from ...guidance.freeu import freeu_patch
+from ...guidance.hooks import install_nag
 from ...guidance.pag import identity_attention
 from ...guidance.seg import blur_queries, feature_hw
 from ...guidance.settings import GuidanceSettings
 from . import a1111, cfgpp_samplers, console as guidance_log
 from .console import log, log_once
-from .guided_pass import GuidedPass, StepContext, install_pass
+from .guided_pass import GuidedPass, StepContext, add_seen, install_pass
 from .pass_setup import effective_settings, hookable_denoiser, resolve_layers, with_freeu_channels, with_untitled
 from .pass_summary import record_pass
 
@@ -95,6 +96,35 @@ class ForgePass(GuidedPass):
         self.seg_keys = set(seg_keys)
         self.batched_steps = 0
         self.fallback_passes = 0
+        self.diffusion_model = None  # set by prepare_sampling when NAG is on
+        self.nag = None
+
+    def install_step_hooks(self, ctx: StepContext) -> list:
+        # NAG hooks the attn2 modules' to_q / to_out (Forge's CrossAttention calls both as modules,
+        # replace patch or not), as on A1111; rows are set per forward by the U-Net wrapper.
+        self.nag = None
+        if not ctx.plan.nag or self.diffusion_model is None:
+            return []
+        if ctx.nag_negative is None:
+            log_once("NAG skipped: the host passed no negative-prompt cross-attention context")
+            return []
+        s = self.settings
+        self.nag = install_nag(self.diffusion_model, layers=s.nag_layers, scale=s.nag_scale, tau=s.nag_tau, alpha=s.nag_alpha)
+        return [self.nag]
+
+    def set_nag_rows(self, ctx: StepContext, cond_rows: list, batch: int) -> None:
+        """Guide ``cond_rows`` (slices of one forward's batch, one row per image each)."""
+        if self.nag is None:
+            return
+        negative = ctx.nag_negative
+        if not cond_rows or any((r.stop - r.start) != negative.shape[0] for r in cond_rows):
+            self.nag.set_rows([], None)
+            return
+        self.nag.set_rows(cond_rows, torch.cat([negative] * len(cond_rows)), batch_size=batch)
+
+    def collect_nag(self, ctx: StepContext) -> None:
+        if self.nag is not None:
+            add_seen(ctx, "NAG", self.nag.take_effect())
 
     def row_layout(self, layout, n_images):
         # Forge folds AND sub-prompts into one cond prediction per image (weighted mean); the
@@ -136,8 +166,23 @@ def make_patches(cell: _Cell, *, prev_wrapper=None, prev_cfg=None, attention_fun
 
     def unet_wrapper(apply_model, args):
         ctx = _current(cell)
-        extras = _rows_for(ctx) if ctx is not None else []
         cond_or_uncond = list(args.get("cond_or_uncond", []))
+        if ctx is None or cell.guided.nag is None:
+            return _unet_wrapper(apply_model, args, ctx, cond_or_uncond)
+        n = args["input"].shape[0]
+        chunk = n // max(len(cond_or_uncond), 1)
+        rows = [slice(k * chunk, (k + 1) * chunk) for k, c in enumerate(cond_or_uncond) if c == 0]
+        if ctx.in_fallback:
+            rows = [slice(0, n)]  # a perturbed pass: every row is a cond copy
+        cell.guided.set_nag_rows(ctx, rows, n)
+        try:
+            return _unet_wrapper(apply_model, args, ctx, cond_or_uncond)
+        finally:
+            cell.guided.collect_nag(ctx)
+            cell.guided.nag.set_rows([], None)
+
+    def _unet_wrapper(apply_model, args, ctx, cond_or_uncond):
+        extras = _rows_for(ctx) if ctx is not None else []
         if (not extras or ctx.in_fallback or not ctx.batchable
                 or ctx.extras is not None or 0 not in cond_or_uncond):
             if ctx is not None and not ctx.in_fallback:
@@ -183,6 +228,10 @@ def make_patches(cell: _Cell, *, prev_wrapper=None, prev_cfg=None, attention_fun
         if "cond_indices" in options:
             options["cond_indices"] = list(options["cond_indices"]) + list(range(n, n_new))
         c2["transformer_options"] = options
+        nag = cell.guided.nag
+        if nag is not None:
+            cond_rows = [slice(j * chunk, (j + 1) * chunk) for j, c in enumerate(cond_or_uncond) if c == 0]
+            cell.guided.set_nag_rows(ctx, cond_rows + [marks[role] for role in extras], n_new)
         out = run(apply_model, {**args, "input": extend(x), "timestep": extend(t), "c": c2, "cond_or_uncond": chunks})
         ctx.extras = {role: out[marks[role]] for role in extras}
         ctx.forwards += 1
@@ -249,7 +298,8 @@ def make_patches(cell: _Cell, *, prev_wrapper=None, prev_cfg=None, attention_fun
         host_scale = ctx.host_scale
         # Forge applies scale 1 where "skip early CFG" / NGMS say so: keep that, as A1111 does.
         host_one = host_scale is not None and math.isclose(host_scale, 1.0) and not math.isclose(guided.stack.cfg_scale, 1.0)
-        if plan.is_trivial and not host_one:
+        guided.report_hooks(ctx)
+        if plan.is_trivial and not host_one and not guided.stack.effects.any_pending:
             return args["denoised"]
         extras = ctx.extras or {}
         d_pag = extras.get("pag") if plan.pag_scale else None
@@ -392,7 +442,7 @@ def patch_unet(p, guided: ForgePass, token: str) -> bool:
     unet.set_model_sampler_cfg_function(fns["cfg_function"])
     # We decide when the uncond is skipped (pre-CFG), so Forge's CFG-1 shortcut must not.
     unet.set_model_sampler_post_cfg_function(fns["post_cfg"], disable_cfg1_optimization=True)
-    if s.pag_on or s.seg_on:
+    if s.pag_on or s.seg_on or s.nag_on:
         unet.set_model_unet_function_wrapper(fns["unet_wrapper"])
         for key in sorted(guided.pag_keys | guided.seg_keys):
             unet.set_model_attn1_replace(fns["attn1_replace_for"](key), key[0], key[1], key[2])
@@ -430,6 +480,10 @@ def prepare_sampling(p, settings: GuidanceSettings, *, error: Optional[BaseExcep
     cfg = float(getattr(p, "hr_cfg", p.cfg_scale)) if hires and hasattr(p, "hr_cfg") else None
     guided = ForgePass(denoiser, settings, hires=hires, untitled=untitled, cfg_scale=cfg, model_channels=channels,
                        pag_keys=pag_keys, seg_keys=seg_keys)
+    if settings.nag_on:
+        guided.diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+        if guided.diffusion_model is None:
+            log("the Forge U-Net has no diffusion_model: NAG skipped")
     if not patch_unet(p, guided, token or f"ug-{id(p)}-{id(denoiser)}"):
         # Untitled and CFG++ live on the denoiser and still work without the U-Net patches.
         guided.settings = settings = settings.replace(pag_scale=0.0, seg_scale=0.0, freeu_enabled=False, rescale_phi=0.0,
