@@ -355,7 +355,10 @@ def test_bad_inputs_skip_the_method_with_one_line(a1111, capsys):
 def test_script_ui_and_paste_of_the_seed_infotext(a1111):
     from modules import infotext_utils
 
-    components = a1111.script.ui(False)
+    import gradio as gr
+
+    with gr.Blocks():  # the host calls ui() inside its Blocks (the conflict line's events need one)
+        components = a1111.script.ui(False)
     assert len(components) == len(guidance_controls.CONTROLS)
     assert a1111.script.paste_field_names == guidance_ui.send_to_names()
     params = infotext_utils.parse_generation_parameters(
