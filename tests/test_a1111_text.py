@@ -18,7 +18,7 @@ from lib_merge.recipe import Recipe
 from lib_merge.webui.board.a1111_text import checkpoint_name, index_text_encoders, lora_backup
 from lib_merge.webui.board.host_a1111 import A1111Target
 
-from tests.board_standins.models import PREFIX, loaded_unet, write_checkpoint
+from tests.hosts.common.checkpoints import PREFIX, loaded_unet, write_checkpoint
 
 TEXT = "cond_stage_model."
 

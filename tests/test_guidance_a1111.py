@@ -1,4 +1,4 @@
-"""The A1111 adapter on the stand-in host (tests/standins/a1111): one test per hook path."""
+"""The A1111 adapter on the stand-in host (tests/hosts/a1111): one test per hook path."""
 from __future__ import annotations
 
 import math
@@ -10,15 +10,15 @@ from lib_merge.guidance.runner import GuidedDenoiser
 from lib_merge.guidance.settings import GuidanceSettings
 from lib_merge.guidance.stack import GuidanceStack
 from lib_merge.webui.guidance import args as guidance_args, controls as guidance_controls, ui as guidance_ui, xyz as xyz_guidance
-from tests.standins import host
+from tests import hosts as host
 
 
 @pytest.fixture
 def a1111():
-    with host.installed("a1111"):
+    with host.installed("a1111", fake_gradio=True):
         from modules import processing, scripts, shared
 
-        from tests.standins.common.models import A1111Model
+        from tests.hosts.common.models import A1111Model
 
         shared.sd_model = A1111Model("sd1")
         script_module = host.load_script()
@@ -131,7 +131,7 @@ def test_batched_forward_equals_separate_forwards_with_and_prompts(a1111):
 
 
 def test_sdxl_dict_conds_and_inpainting_image_cond(a1111):
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     a1111.shared.sd_model = A1111Model("sdxl", in_channels=9)
     settings = GuidanceSettings(pag_scale=2.0, seg_scale=1.0)
@@ -160,7 +160,7 @@ def test_untitled_skips_the_uncond_rows_and_caches_its_conds(a1111):
 
 
 def test_untitled_conditioning_modes(a1111):
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     from lib_merge.webui.guidance import untitled_conds
 
@@ -322,7 +322,7 @@ def test_xyz_axes_give_each_cell_its_value_and_infotext(a1111):
 def test_bad_inputs_skip_the_method_with_one_line(a1111, capsys):
     from modules import sd_unet
 
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     model = a1111.shared.sd_model
     a1111.run([{"pag_scale": 3, "pag_layers": "IN99"}], batch_size=1)
@@ -424,7 +424,7 @@ def test_host_ddim_cfgpp_refuses_dynamic_thresholding_with_one_line(a1111, capsy
 def _refiner_model():
     """SDXL refiner in the parts that matter here: a 2560-dim vector whose last 256 dims embed the
     aesthetic score, 6.0 for the prompt and 2.5 for the negative (both hosts' defaults)."""
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     class Refiner(A1111Model):
         def __init__(self):
@@ -445,7 +445,7 @@ def test_untitled_zero_on_the_sdxl_refiner_keeps_the_uncond(a1111):
     from modules import prompt_parser
 
     from lib_merge.webui.guidance import untitled_conds
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     def same(model):
         return untitled_conds.Untitled("zero", [1], 64, 64, 4, lambda: model).same_cond()
@@ -473,7 +473,7 @@ def test_untitled_zero_on_the_sdxl_refiner_keeps_the_uncond(a1111):
 def test_a_refiner_switch_mid_pass_decides_c_equiv_u_again(a1111):
     from lib_merge.webui.guidance import untitled_conds
     from lib_merge.webui.guidance.guided_pass import GuidedPass
-    from tests.standins.common.models import A1111Model
+    from tests.hosts.common.models import A1111Model
 
     class Denoiser:
         step, steps, total_steps = 0, 4, 4

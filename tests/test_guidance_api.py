@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from lib_merge.webui.guidance import controls as guidance_controls
-from tests.standins import host
+from tests import hosts as host
 
 
 def _setup(name):
     from modules import scripts, shared
 
-    from tests.standins.common import models
+    from tests.hosts.common import models
 
     shared.sd_model = models.ForgeEngine("sd1") if name == "forge" else models.A1111Model("sd1")
     script = host.load_script().UntitledGuidanceScript()
@@ -37,7 +37,7 @@ def _model_calls(model) -> int:
     ([{"nag_scale": 3, "nag_tau": 0.5}], "nag_tau"),
 ])
 def test_bad_args_fail_before_sampling_with_one_line(name, args, named, capsys):
-    with host.installed(name):
+    with host.installed(name, fake_gradio=True):
         from modules.api import api
 
         model, runner = _setup(name)

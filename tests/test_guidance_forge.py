@@ -1,19 +1,19 @@
-"""The Forge adapter on the stand-in host (tests/standins/forge): one test per hook path."""
+"""The Forge adapter on the stand-in host (tests/hosts/forge): one test per hook path."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lib_merge.webui.guidance import controls as guidance_controls
-from tests.standins import host
+from tests import hosts as host
 
 
 @pytest.fixture
 def forge():
-    with host.installed("forge"):
+    with host.installed("forge", fake_gradio=True):
         from modules import processing, scripts, shared
 
-        from tests.standins.common.models import ForgeEngine
+        from tests.hosts.common.models import ForgeEngine
 
         shared.sd_model = ForgeEngine("sd1")
         script_module = host.load_script()
@@ -163,7 +163,7 @@ def test_hires_cfg_1_without_negative_prompt(forge, capsys):
 
 
 def test_sdxl_dict_conditioning(forge):
-    from tests.standins.common.models import ForgeEngine
+    from tests.hosts.common.models import ForgeEngine
 
     forge.shared.sd_model = ForgeEngine("sdxl")
     _, res = forge.run([{"untitled": "zero", "pag_scale": 3, "seg_scale": 2}], batch_size=2)

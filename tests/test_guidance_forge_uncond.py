@@ -1,4 +1,4 @@
-"""Forge: the uncond a host sampler reads (issue 9, item 7), on the stand-in host (tests/standins/forge).
+"""Forge: the uncond a host sampler reads (issue 9, item 7), on the stand-in host (tests/hosts/forge).
 
 Forge's own *DDIM CFG++* sets ``need_last_noise_uncond`` on the denoiser and renoises with
 ``(x − uncond_pred)/σ``; Forge uses the CFG value raw as λ, so at CFG 1 our pre-CFG function used to
@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from lib_merge.webui.guidance import controls as guidance_controls
-from tests.standins import host
+from tests import hosts as host
 
 
 @pytest.fixture
 def forge():
-    with host.installed("forge"):
+    with host.installed("forge", fake_gradio=True):
         from modules import processing, scripts, sd_samplers_cfg_denoiser, shared
 
-        from tests.standins.common.models import ForgeEngine
+        from tests.hosts.common.models import ForgeEngine
 
         shared.sd_model = ForgeEngine("sd1")
         script = host.load_script().UntitledGuidanceScript()

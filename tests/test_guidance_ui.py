@@ -12,7 +12,7 @@ import pytest
 from lib_merge.errors import BadParameterError
 from lib_merge.guidance.settings import GuidanceSettings
 from lib_merge.webui.guidance import args as guidance_args, controls as guidance_controls, infotext as guidance_infotext, paste as guidance_paste, ui as guidance_ui, xyz as xyz_guidance
-from tests.standins.a1111.modules import infotext_utils as itu  # pure: json and re only
+from tests.hosts.a1111.modules import infotext_utils as itu  # pure: json and re only
 
 SEED_INFOTEXT = "SEG Blur Sigma: 11, SEG Start Step: 0, SEG End Step: 2048, PAG Active: True, PAG SANF: True, PAG Scale: 1"
 
@@ -184,9 +184,9 @@ def test_dynthres_schedule_on_a_second_order_sampler_is_named_on_paste():
 
 
 def test_dynthres_schedule_note_reads_the_hosts_sampler_flags(monkeypatch):
-    from tests.standins import host
+    from tests import hosts as host
 
-    with host.installed("a1111"):
+    with host.installed("a1111", fake_gradio=True):
         from modules import sd_samplers, sd_samplers_common
 
         custom = sd_samplers_common.SamplerData("Custom 2nd", None, [], {"second_order": True})
@@ -289,7 +289,7 @@ def test_p_overrides_switch_their_method_on():
 # ---------------------------------------------------------------------------------------- UI
 
 def _fake_gradio():
-    path = os.path.join(os.path.dirname(__file__), "standins", "gradio_fake", "gradio", "__init__.py")
+    path = os.path.join(os.path.dirname(__file__), "hosts", "gradio_fake", "gradio", "__init__.py")
     spec = importlib.util.spec_from_file_location("fake_gradio_for_ui_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

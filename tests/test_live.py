@@ -14,7 +14,7 @@ from lib_merge.live import LiveMerge, LiveMergeError, LiveTarget, replan
 from lib_merge.plan import open_inputs, plan_merge
 from lib_merge.recipe import Recipe
 
-from tests.board_standins.models import PREFIX, loaded_unet, write_checkpoint
+from tests.hosts.common.checkpoints import PREFIX, loaded_unet, write_checkpoint
 
 ARCH = {"sd1": "sd1", "sdxl": "sdxl"}
 

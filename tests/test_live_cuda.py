@@ -16,7 +16,7 @@ from lib_merge.live import LiveMerge, LiveTarget
 from lib_merge.recipe import Recipe
 from lib_merge.webui.board.host_a1111 import A1111Target
 
-from tests.board_standins.models import PREFIX, loaded_unet, write_checkpoint
+from tests.hosts.common.checkpoints import PREFIX, loaded_unet, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

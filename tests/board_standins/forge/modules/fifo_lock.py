@@ -1,1 +1,0 @@
-from tests.board_standins.common import FIFOLock  # noqa: F401  (modules/fifo_lock.py)

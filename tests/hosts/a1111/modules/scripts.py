@@ -1,0 +1,4 @@
+"""modules/scripts.py: alike in A1111 v1.10.1 and Forge; one source in ../../shared_src."""
+from tests.hosts.common import exec_shared
+
+exec_shared("scripts", globals())

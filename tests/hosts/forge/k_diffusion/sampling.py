@@ -1,0 +1,3 @@
+from tests.hosts.a1111.k_diffusion.sampling import *  # noqa: F401,F403
+from tests.hosts.a1111.k_diffusion.sampling import to_d  # noqa: F401
+torch = __import__('torch')

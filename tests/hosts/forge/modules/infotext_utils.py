@@ -1,0 +1,1 @@
+from tests.hosts.a1111.modules.infotext_utils import *  # noqa: F401,F403  (identical in Forge in the parts we use)

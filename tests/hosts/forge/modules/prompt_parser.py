@@ -1,0 +1,2 @@
+from tests.hosts.common.prompt_parser import *  # noqa: F401,F403
+from tests.hosts.common.prompt_parser import SdConditioning, ScheduledPromptConditioning  # noqa: F401

@@ -1,3 +1,0 @@
-from tests.standins.a1111.k_diffusion.sampling import *  # noqa: F401,F403
-from tests.standins.a1111.k_diffusion.sampling import to_d  # noqa: F401
-torch = __import__('torch')

@@ -1,1 +1,0 @@
-from tests.standins.a1111.modules.api.api import *  # noqa: F401,F403

@@ -1,2 +1,0 @@
-from tests.standins.common.prompt_parser import *  # noqa: F401,F403
-from tests.standins.common.prompt_parser import SdConditioning, ScheduledPromptConditioning  # noqa: F401

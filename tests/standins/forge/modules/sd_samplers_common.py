@@ -1,2 +1,0 @@
-from tests.standins.a1111.modules.sd_samplers_common import *  # noqa: F401,F403  (identical in Forge in the parts we use)
-from tests.standins.a1111.modules.sd_samplers_common import SamplerData, Sampler, setup_img2img_steps, InterruptedException, apply_refiner, TorchHijack  # noqa: F401,E402

@@ -1,1 +1,0 @@
-from tests.standins.a1111.modules.sd_unet import *  # noqa: F401,F403  (identical in Forge in the parts we use)
