@@ -47,7 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--beta-weights", help="per-block beta, same syntax as --weights")
     m.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
     m.add_argument("--seed", type=int, help="seed for random methods and noise inputs (default 0)")
-    m.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output dtype (default fp16)")
+    m.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"),
+                   help="output dtype (default fp16); fp8 applies to the U-Net only (text encoders and VAE fp16) "
+                   "unless --fp8-all; rounded to nearest even with saturation at ±max")
+    m.add_argument("--fp8-all", action="store_true", help="with an fp8 --dtype: text encoders and VAE in fp8 too")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="bake this LoRA/LyCORIS into the result, after the method (repeatable; strength default 1)")
+    m.add_argument("--lora-weights", action="append", default=[], metavar="WEIGHTS",
+                   help="per-block strength factor of the matching --lora (one for all, or one per --lora): our "
+                   "block-weight syntax, lbw:PRESET (LoRA Block Weight presets) or a 17/12-value LBW vector")
+    m.add_argument("--allow-mixed-prediction", nargs="?", const="A", metavar="MODEL",
+                   help="merge models of different prediction types (eps / v / ztsnr / EDM) anyway; the output keeps "
+                   "the markers of MODEL (default A)")
     m.add_argument("--blocks", help="key→block policy: supermerger (default), supermerger-2023, bbc-mc or sd-mecha")
     m.add_argument("--vae", metavar="FILE", help="bake this VAE (a VAE file or a checkpoint) into the output")
     m.add_argument("--threads", type=int, help="worker threads (default: cores + 1, 2..4)")
@@ -114,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (sa, sr, sw, sh, se):
         p.add_argument("--threads", type=int)
 
+    x = sub.add_parser("extract", help="extract a LoRA of B − A (kohya layout, loads in A1111 and Forge)")
+    x.add_argument("a", help="the base model A")
+    x.add_argument("b", help="the fine-tune B")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--rank", type=int, default=64, help="rank of Linear and 1×1 layers (default 64)")
+    x.add_argument("--conv-rank", type=int, help="also extract 3×3 convs (LoCon) at this rank")
+    x.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this fraction of ‖B−A‖_F (≤ --rank)")
+    x.add_argument("--clamp-quantile", type=float, help="clamp the factors at this quantile (kohya: 0.99; default off)")
+    x.add_argument("--text-encoders", action="store_true", help="extract the text encoders too (skipped if unchanged)")
+    x.add_argument("--svd", choices=("full", "randomized"), default="full",
+                   help="randomized: seeded sketch + 4 power iterations + 10 oversampling (faster on big layers)")
+    x.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    x.add_argument("--threads", type=int, default=2)
+    x.add_argument("--overwrite", action="store_true")
+
+    lm = sub.add_parser("lora-merge", help="merge LoRAs into one: exact rank concatenation, or SVD to --rank")
+    lm.add_argument("loras", nargs="+", metavar="L[:W]")
+    lm.add_argument("-o", "--output", required=True)
+    lm.add_argument("--rank", type=int, help="re-compress each module to this rank by SVD (needed for LoHa/LoKr/full)")
+    lm.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    lm.add_argument("--overwrite", action="store_true")
+
     d = sub.add_parser("demo", help="build small synthetic checkpoints and run example merges (no download)")
     d.add_argument("--dir", default="demo_models", help="folder for the demo models and outputs")
 
@@ -141,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "soup":
             return _soup(args)
+        if args.command == "extract":
+            return _extract(args)
+        if args.command == "lora-merge":
+            return _lora_merge(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -175,6 +212,9 @@ def recipe_from_args(args: argparse.Namespace):
         "dtype": args.dtype,
         "blocks": args.blocks,
         "vae": getattr(args, "vae", None),
+        "loras": _loras_from_args(args) or None,
+        "prediction": getattr(args, "allow_mixed_prediction", None),
+        "fp8_all": True if getattr(args, "fp8_all", False) else None,
     }
     params = parse_params(args.param)
     if getattr(args, "resume", False) and not args.recipe and not args.models:
@@ -214,7 +254,26 @@ def recipe_from_args(args: argparse.Namespace):
         dtype=args.dtype or "fp16",
         blocks=args.blocks or "supermerger",
         vae=args.vae,
+        loras=_loras_from_args(args),
+        prediction=getattr(args, "allow_mixed_prediction", None),
+        fp8_all=bool(getattr(args, "fp8_all", False)),
     )
+
+
+def _loras_from_args(args: argparse.Namespace) -> tuple[dict, ...]:
+    from .lora.merge import parse_weighted
+
+    refs = getattr(args, "lora", None) or []
+    weights = getattr(args, "lora_weights", None) or []
+    if weights and len(weights) not in (1, len(refs)):
+        raise MergeError(f"--lora-weights given {len(weights)} times for {len(refs)} --lora; give it once (for all) "
+                         "or once per --lora")
+    out = []
+    for i, ref in enumerate(refs):
+        path, strength = parse_weighted(ref)
+        out.append({"path": path, "sha256": "", "strength": strength,
+                    "weights": (weights[i] if len(weights) > 1 else weights[0]) if weights else None})
+    return tuple(out)
 
 
 def _check_recorded_models(recipe, source: str, models_dir: str | None) -> None:
@@ -299,6 +358,33 @@ def _merge(args: argparse.Namespace) -> int:
     if result.sha256:
         print(f"sha256 {result.sha256}")
         print(f"short hash [{result.short_hash}]")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .lora.extract import ExtractOptions, extract_lora
+
+    report = extract_lora(args.a, args.b, args.output, ExtractOptions(
+        rank=args.rank, conv_rank=args.conv_rank, energy=args.energy, clamp_quantile=args.clamp_quantile,
+        text_encoders=args.text_encoders, randomized=args.svd == "randomized", dtype=args.dtype,
+        threads=max(1, args.threads)), overwrite=args.overwrite)
+    print(report.describe())
+    return 0
+
+
+def _lora_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import BadParameterError
+    from .lora.merge import merge_loras, parse_weighted
+
+    if args.rank is not None and args.rank < 1:
+        raise BadParameterError("--rank must be ≥ 1")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    report = merge_loras([parse_weighted(r) for r in args.loras], args.output, rank=args.rank,
+                         overwrite=args.overwrite, dtype=dtype)
+    how = f"rank ≤ {args.rank}, retained energy {report.retained:.4f}" if args.rank else f"concatenated, rank {max(report.ranks)}"
+    print(f"wrote {report.path}: {report.modules} modules ({how})")
     return 0
 
 

@@ -93,6 +93,8 @@ def job_bytes(plan: "MergePlan", job: "KeyJob") -> int:
     n = _numel(job.shape)
     sizes = _stored_bytes(plan, job)
     out_size = torch.empty((), dtype=job.out_dtype).element_size()
+    if getattr(job, "patches", None):  # a LoRA-baked key: fp32 result + one fp32 delta + the cast output
+        return n * (max(sizes) + 4 + 4 + 4 + out_size)
     if job.action == "copy" or job.identity:
         return n * max(sizes[0], out_size) + n * out_size
     count = len(job.sources)

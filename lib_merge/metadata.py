@@ -23,6 +23,11 @@ MODELSPEC_ARCH = {
 
 def build_metadata(plan: MergePlan, hashes: list[str], output: Path) -> dict[str, str]:
     recipe = plan.recipe.relative_to(output.parent).replace(model_hashes=tuple(hashes) if any(hashes) else ())
+    if recipe.loras and any(hashes):
+        from .io.hashing import sha256_file
+
+        recipe = recipe.replace(loras=tuple(dict(rel, sha256=sha256_file(full["path"]))
+                                            for rel, full in zip(recipe.loras, plan.recipe.loras)))
     inpainting = plan.info.inpainting
     arch = MODELSPEC_ARCH.get(plan.info.arch.name, plan.info.arch.name)
     if inpainting:
@@ -66,7 +71,18 @@ def build_metadata(plan: MergePlan, hashes: list[str], output: Path) -> dict[str
         "modelspec.architecture": arch,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if plan.info.arch.name == "sdxl" else "https://github.com/Stability-AI/stablediffusion",
+        **prediction_metadata(plan.prediction),
     }
+
+
+def prediction_metadata(prediction: str | None) -> dict[str, str]:
+    """kohya's ``modelspec.prediction_type`` (epsilon / v) and ComfyUI's ``modelspec.predict_key``
+    for the output's prediction type; nothing when it is unknown (an unmarked SD2 model)."""
+    if prediction is None:
+        return {}
+    v = not prediction.startswith("eps")
+    return {"modelspec.prediction_type": "v" if v else "epsilon",
+            "modelspec.predict_key": "v_pred" if v and prediction != "edm-v" else ("edm_vpred" if v else "epsilon")}
 
 
 def build_soup_metadata(pot, output: Path, dtype: str, scale: float) -> dict[str, str]:

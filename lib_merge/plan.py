@@ -10,10 +10,11 @@ from typing import Any, Sequence
 import torch
 
 from .arch import BLOCK_POLICIES, ModelInfo, block_of, detect_architecture, kept_from_a, key_kind
+from .arch.detect import is_prediction_marker, prediction_type
 from .blocks import parse_block_weights
 from .errors import ArchitectureMismatchError, BadParameterError, CorruptFileError, MergeError
 from .inputs import VirtualInput, parse_model_ref
-from .io.dtypes import output_dtype
+from .io.dtypes import key_output_dtype, output_dtype
 from .io.reader import CheckpointReader, open_checkpoint
 from .methods.registry import MethodSpec, get_method
 from .recipe import Recipe
@@ -32,6 +33,7 @@ class KeyJob:
     sources: tuple[int, ...]  # model indices read for this key (copy: (0,))
     identity: bool = False  # the method's per-block ratios are all 0 here: output = A
     common_channels: int | None = None  # inpainting conv_in: merge only the shared input channels
+    patches: Any = None  # LoRA patches baked in after the method (lib_merge.lora.patches.Patch list)
 
     @property
     def nbytes_out(self) -> int:
@@ -50,6 +52,7 @@ class MergePlan:
     jobs: list[KeyJob]
     warnings: list[str] = field(default_factory=list)
     block_values: dict[str, dict[str, float]] = field(default_factory=dict)
+    prediction: str | None = None  # the output's prediction type (its markers' model)
 
     @property
     def readers(self) -> list[CheckpointReader]:
@@ -97,7 +100,9 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         raise BadParameterError(
             f"block policy {recipe.blocks!r} is unknown; choose one of {', '.join(BLOCK_POLICIES)}"
         )
-    method.check_model_count(len(inputs))
+    lora_only = bool(recipe.loras) and len(inputs) == 1  # `merge A --lora X`: A with the LoRA baked in
+    if not lora_only:
+        method.check_model_count(len(inputs))
     method_params(method, recipe)  # parameter errors first, before any file is read
     out_dtype = output_dtype(recipe.dtype)
 
@@ -133,6 +138,7 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
                 "(task-vector methods already count A as the base)"
             )
         seen.setdefault(real, i)
+    prediction, marker_source = _prediction(recipe, readers, infos, labels, warnings)
     per_block, block_values = block_settings(method, arch, recipe, len(inputs))
 
     # Shapes and key sets, checked for every model before reading any data.
@@ -182,6 +188,8 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         if kind == "drop":
             continue
         block = block_of(arch, key, recipe.blocks)
+        if marker_source and is_prediction_marker(key):
+            continue  # the markers come from the model --allow-mixed-prediction chose (below)
         if kind == "copy" or kept_from_a(arch, key, recipe.blocks) or any(key in m for m in missing_by_model.values()):
             jobs.append(KeyJob(key, "copy", block, a_info.shape, a_info.torch_dtype, {}, (0,)))
             continue
@@ -189,9 +197,43 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
         common = None
         if key == INPAINT_CONV_IN and conv_in_channels:
             common = min(list(conv_in_channels.values()) + [a_info.shape[1]])
-        jobs.append(KeyJob(key, "merge", block, a_info.shape, out_dtype, dict(key_params), sources, identity, common))
+        if lora_only:
+            key_params, identity, sources = {}, True, (0,)
+        dtype = key_output_dtype(out_dtype, key, recipe.fp8_all)
+        jobs.append(KeyJob(key, "merge", block, a_info.shape, dtype, dict(key_params), sources, identity, common))
+    if marker_source:
+        chosen = inputs[marker_source]
+        for key, info in chosen.infos.items():
+            if is_prediction_marker(key):
+                jobs.append(KeyJob(key, "copy", "BASE", info.shape, info.torch_dtype, {}, (marker_source,)))
 
-    return MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings, block_values)
+    return MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings, block_values, prediction)
+
+
+def _prediction(recipe: Recipe, readers, infos, labels, warnings: list[str]) -> tuple[str | None, int]:
+    """The output's prediction type and the model whose markers it keeps (0: A, copied as every
+    marker always was). Disagreeing inputs are refused unless the recipe names that model."""
+    types = {i: prediction_type(infos[i], reader.infos) for i, reader in readers}
+    known = {t for t in types.values() if t is not None}
+    choice = recipe.prediction
+    index = 0
+    if choice is not None:
+        letters = [chr(ord("A") + i) for i in range(len(labels))]
+        index = letters.index(choice.strip().upper()) if choice.strip().upper() in letters else -1
+        if index not in types:
+            raise BadParameterError(f"--allow-mixed-prediction {choice!r}: name a model file, one of "
+                                    f"{', '.join(letters[i] for i in types)}")
+    if len(known) > 1:
+        listing = ", ".join(f"{labels[i]} is {t or 'unknown'}" for i, t in types.items())
+        if choice is None:
+            raise BadParameterError(
+                f"the models predict different targets ({listing}); a blend of eps and v weights predicts neither. "
+                "Merge models of one prediction type, or pass --allow-mixed-prediction [A|B|…] to merge anyway, "
+                "keeping that model's markers (e.g. an add-difference onto a v base)")
+        warnings.append(f"mixed prediction types ({listing}); the output keeps the markers of {labels[index]}: "
+                        f"{types[index] or 'unknown'}")
+    return types.get(index), index
+
 
 
 BlockSetting = tuple[dict[str, Any], bool, tuple[int, ...]]  # parameters, identity?, inputs read

@@ -5,7 +5,10 @@ Version 1 (stable):
     {"version": 1, "method": "weighted_sum", "models": ["a.safetensors", "b.safetensors"],
      "alpha": 0.5, "weights": null, "params": {}, "seed": 0, "dtype": "fp16", "blocks": "supermerger"}
 Optional fields: "beta", "beta_weights", "vae", "model_hashes" (sha256 per model, "" for virtual
-inputs). Relative model paths are relative to the folder of the recipe (or merged file).
+inputs), "loras" (baked after the method: [{"path", "sha256", "strength", "weights"}, …]),
+"prediction" (the model whose prediction-type markers the output keeps when the inputs disagree:
+"A", "B", …), "fp8_all" (fp8 for text encoders and VAE too). Each is written only when set, so a
+recipe without them is byte for byte what it was. Relative model paths are relative to the folder of the recipe (or merged file).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ METADATA_KEY = "lib_merge_recipe"
 V1_DEFAULT_BLOCKS = "supermerger"
 _FIELDS = {
     "version", "method", "models", "alpha", "beta", "weights", "beta_weights", "params",
-    "seed", "dtype", "blocks", "vae", "model_hashes",
+    "seed", "dtype", "blocks", "vae", "model_hashes", "loras", "prediction", "fp8_all",
 }
 
 
@@ -45,6 +48,9 @@ class Recipe:
     blocks: str = DEFAULT_POLICY
     vae: str | None = None
     model_hashes: tuple[str, ...] = ()
+    loras: tuple[Mapping[str, Any], ...] = ()
+    prediction: str | None = None
+    fp8_all: bool = False
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +73,12 @@ class Recipe:
             data["vae"] = self.vae
         if self.model_hashes:
             data["model_hashes"] = list(self.model_hashes)
+        if self.loras:
+            data["loras"] = [dict(lora) for lora in self.loras]
+        if self.prediction is not None:
+            data["prediction"] = self.prediction
+        if self.fp8_all:
+            data["fp8_all"] = True
         return data
 
     def to_json(self) -> str:
@@ -112,6 +124,9 @@ class Recipe:
                 blocks=str(data.get("blocks", V1_DEFAULT_BLOCKS)),
                 vae=data.get("vae"),
                 model_hashes=tuple(data.get("model_hashes") or ()),
+                loras=_loras(data.get("loras"), source),
+                prediction=None if data.get("prediction") is None else str(data["prediction"]),
+                fp8_all=bool(data.get("fp8_all", False)),
             )
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"{source}: bad recipe value ({exc})") from None
@@ -143,6 +158,7 @@ class Recipe:
         return self.replace(
             models=tuple(resolve(m) for m in self.models),
             vae=resolve(self.vae) if self.vae else None,
+            loras=tuple(dict(lora, path=resolve(lora["path"])) for lora in self.loras),
         )
 
     def relative_to(self, base: Path) -> "Recipe":
@@ -158,7 +174,8 @@ class Recipe:
             except ValueError:  # another drive on Windows
                 return os.path.abspath(ref)
 
-        return self.replace(models=tuple(rel(m) for m in self.models), vae=rel(self.vae) if self.vae else None)
+        return self.replace(models=tuple(rel(m) for m in self.models), vae=rel(self.vae) if self.vae else None,
+                            loras=tuple(dict(lora, path=rel(lora["path"])) for lora in self.loras))
 
 
 def load_recipe(path: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None) -> Recipe:
@@ -186,6 +203,21 @@ def load_recipe(path: str | os.PathLike[str], models_dir: str | os.PathLike[str]
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: cannot read recipe ({exc})") from None
     return Recipe.from_json(text, source=str(p)).with_base_dir(p.parent, folder)
+
+
+def _loras(value: Any, source: str) -> tuple[dict[str, Any], ...]:
+    if not value:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) and isinstance(v.get("path"), str) for v in value):
+        raise RecipeError(f"{source}: 'loras' must be a list of objects with a 'path'")
+    out = []
+    for v in value:
+        unknown = set(v) - {"path", "sha256", "strength", "weights"}
+        if unknown:
+            raise RecipeError(f"{source}: unknown LoRA field(s) {', '.join(sorted(unknown))}")
+        out.append({"path": v["path"], "sha256": str(v.get("sha256", "")), "strength": float(v.get("strength", 1.0)),
+                    "weights": v.get("weights")})
+    return tuple(out)
 
 
 def _jsonable(value: Any) -> Any:

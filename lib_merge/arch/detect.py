@@ -261,3 +261,26 @@ def detect_architecture(
         has_vae=has_vae,
         notes=tuple(notes),
     )
+
+
+MARKER_PREFIXES = ("v_pred", "ztsnr", "edm_vpred.", "edm_mean", "edm_std")
+
+
+def is_prediction_marker(key: str) -> bool:
+    return key in ("v_pred", "ztsnr", "edm_mean", "edm_std") or key.startswith("edm_vpred.")
+
+
+def prediction_type(info: ModelInfo, keys) -> Optional[str]:
+    """``eps``, ``v``, ``v+ztsnr``, ``eps+ztsnr`` or ``edm-v`` (CosXL; ``edm_vpred.*`` keys), from
+    the header (lora-reference.md §8); None where the file does not say (SD2: 768-v files carry
+    no marker, so an unmarked SD2 model is unknown, not eps)."""
+    keys = list(keys)
+    if any(k.startswith("edm_vpred.") for k in keys):
+        return "edm-v"
+    if info.v_prediction:
+        base = "v"
+    elif info.v_prediction is False or info.arch.name != SD2.name:
+        base = "eps"
+    else:
+        return None
+    return base + ("+ztsnr" if info.ztsnr else "")

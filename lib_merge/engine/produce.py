@@ -10,12 +10,14 @@ next one is made.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from ..errors import NonFiniteError
 from ..inputs import VirtualInput
+from ..io.dtypes import cast, copy_cast
 from ..io.reader import CheckpointReader
 from ..many import SourceHandle, stream_chunk
 from ..methods.registry import KeyContext, MethodSpec
@@ -67,6 +69,9 @@ _buffers = _ThreadBuffers()
 def produce_job(plan: MergePlan, job: KeyJob, counters: Counters | None = None) -> Iterator[Chunk]:
     """Yield the output of one key as flat chunks. Each chunk is only valid until the next one is
     requested (it may live in a reused buffer): write it, don't keep it."""
+    if job.patches:
+        yield from _produce_patched(plan, job, counters)
+        return
     if job.action == "merge" and not job.identity and job.common_channels is None \
             and getattr(plan.method.fn, "lazy_inputs", False):
         yield from _produce_lazy(plan, job, counters)
@@ -87,9 +92,31 @@ def produce_job(plan: MergePlan, job: KeyJob, counters: Counters | None = None) 
     if job.common_channels is not None:
         out = _merge_common_channels(method, tensors, job, ctx)
     else:
-        out = method.fn(*[t.float() for t in tensors], ctx=ctx, **job.params).to(job.out_dtype)
+        out = cast(method.fn(*[t.float() for t in tensors], ctx=ctx, **job.params), job.out_dtype)
     if not all_finite(out):
         raise NonFiniteError(non_finite_message(plan, job, tensors))
+    yield 0, out.reshape(-1)
+
+
+def _produce_patched(plan: MergePlan, job: KeyJob, counters: Counters | None) -> Iterator[Chunk]:
+    """A key a LoRA touches: the method's result (or A's tensor) in fp32, the LoRA deltas added,
+    then one rounding to the output dtype. Holds the key in fp32 (the planner counts it)."""
+    from ..lora.bake import apply_patches
+
+    if job.action == "merge" and not job.identity:
+        full = compute_job(plan, replace(job, patches=None, out_dtype=torch.float32), counters).clone()
+    else:
+        source = read_sources(plan, job, counters)[0]
+        if not all_finite(source):
+            raise NonFiniteError(f"{job.key}: NaN/Inf in input {source_label(plan, job.sources[0])}; "
+                                 "that checkpoint is damaged — re-download it or leave it out of the merge")
+        full = source.float().clone() if source.dtype == torch.float32 else source.float()
+    apply_patches(full, job.patches)
+    if not all_finite(full):
+        raise NonFiniteError(f"{job.key}: baking the LoRA gives NaN/Inf (a damaged LoRA, or a strength far too large)")
+    out = cast(full, job.out_dtype)
+    if not all_finite(out):
+        raise NonFiniteError(f"{job.key}: the LoRA bake exceeds the range of {job.out_dtype}; use --dtype bf16 or fp32")
     yield 0, out.reshape(-1)
 
 
@@ -140,7 +167,7 @@ def _copy_checked(plan: MergePlan, job: KeyJob, source: torch.Tensor) -> Iterato
             yield start, part
             continue
         out = out_buf[: part.numel()]
-        out.copy_(part)
+        copy_cast(out, part)
         if narrowing and not all_finite(out):
             raise NonFiniteError(
                 f"{job.key}: values of {source_label(plan, job.sources[0])} exceed the range of {job.out_dtype}; "
@@ -176,7 +203,7 @@ def _stream_elementwise(
                 buf.copy_(f[start:stop])
                 ins.append(buf)
             chunk_ctx = ChunkContext(ctx.key, ctx.block, ctx.seed, offset=start)
-            out.copy_(method.fn(*ins, ctx=chunk_ctx, **params))
+            copy_cast(out, method.fn(*ins, ctx=chunk_ctx, **params))
         yield start, out
 
 
@@ -196,7 +223,7 @@ def _produce_lazy(plan: MergePlan, job: KeyJob, counters: Counters | None) -> It
     for start in range(0, numel, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, numel)
         out = out_buf[: stop - start]
-        out.copy_(result[start:stop])
+        copy_cast(out, result[start:stop])
         if not all_finite(out):
             raise NonFiniteError(
                 f"{job.key}: method {plan.method.name} gives values beyond the range of {job.out_dtype}; "
@@ -209,7 +236,7 @@ def apply_method(
     method: MethodSpec, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, params: dict, ctx: KeyContext
 ) -> torch.Tensor:
     """Whole-tensor application (fp32 math, cast once)."""
-    return method.fn(*[t.float() for t in tensors], ctx=ctx, **params).to(out_dtype)
+    return cast(method.fn(*[t.float() for t in tensors], ctx=ctx, **params), out_dtype)
 
 
 def _merge_common_channels(method: MethodSpec, tensors: list[torch.Tensor], job: KeyJob, ctx: KeyContext) -> torch.Tensor:
@@ -221,7 +248,7 @@ def _merge_common_channels(method: MethodSpec, tensors: list[torch.Tensor], job:
     merged = apply_method(method, shared, torch.float32, job.params, ctx)
     a = tensors[0]
     if a.shape[1] == c:
-        return merged.to(job.out_dtype)
+        return cast(merged, job.out_dtype)
     out = a.float().clone()
     out[:, :c] = merged
-    return out.to(job.out_dtype)
+    return cast(out, job.out_dtype)

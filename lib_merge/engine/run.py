@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..errors import BadParameterError, MergeCancelled
 from ..io.hashing import sha256_file, short_hash
 from ..io.reader import CheckpointReader, open_checkpoint
+from ..lora.attach import attached_loras
 from ..many import MemoryPlan, job_bytes, parse_size, plan_memory
 from ..plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
 from ..recipe import Recipe
@@ -62,10 +63,11 @@ def merge(
         if recipe.vae:
             vae = open_checkpoint(recipe.vae)
             bake_vae(plan, vae)
-        for message in plan.warnings:
-            if warn:
-                warn(message)
-        return execute(plan, output, warn=warn, **options)
+        with attached_loras(plan):
+            for message in plan.warnings:
+                if warn:
+                    warn(message)
+            return execute(plan, output, warn=warn, **options)
     finally:
         for item in inputs:
             if isinstance(item, CheckpointReader):

@@ -37,7 +37,13 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
 }
+FP8 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+# fp8 is for the U-Net: text encoders and VAE are kept at this precision (what Forge casts them to
+# at load anyway, and what model-mixer's "Save as FP8: UNet" writes).
+FP8_OTHER_COMPONENTS = torch.float16
 
 
 def itemsize(code: str) -> int:
@@ -51,3 +57,27 @@ def output_dtype(name: str) -> torch.dtype:
         raise BadParameterError(
             f"dtype={name!r}: choose one of {', '.join(OUTPUT_DTYPES)}"
         ) from None
+
+
+def key_output_dtype(dtype: torch.dtype, key: str, fp8_everything: bool = False) -> torch.dtype:
+    """The output dtype of ``key`` for the requested ``dtype``: fp8 applies to U-Net keys only
+    unless ``fp8_everything``."""
+    if dtype in FP8 and not fp8_everything and not key.startswith("model.diffusion_model."):
+        return FP8_OTHER_COMPONENTS
+    return dtype
+
+
+def copy_cast(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out.copy_(src)``, saturating for fp8: torch's casts round to nearest even but do not
+    saturate (e4m3fn turns |x| > 464 into NaN, e5m2 |x| ≥ 61440 into inf), so clamp to ±max first."""
+    if out.dtype in FP8:
+        limit = torch.finfo(out.dtype).max
+        return out.copy_(src.float().clamp(-limit, limit))
+    return out.copy_(src)
+
+
+def cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``src.to(dtype)`` with :func:`copy_cast`'s saturation."""
+    if dtype in FP8:
+        return copy_cast(torch.empty(src.shape, dtype=dtype), src)
+    return src.to(dtype)
