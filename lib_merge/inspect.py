@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .arch import ModelInfo, block_of, detect_architecture, key_kind
+from .arch.detect import prediction_type
 from .errors import ArchitectureMismatchError
 from .io.reader import CheckpointReader, open_checkpoint
 
@@ -43,6 +44,7 @@ class Inspection:
     other_path: str | None = None
     policy: str = "supermerger"
     missing_in_b: list[str] = field(default_factory=list)
+    prediction: str | None = None  # eps, v, v+ztsnr, eps+ztsnr, edm-v; None = the file does not say
 
     @property
     def total_params(self) -> int:
@@ -70,6 +72,7 @@ def inspect_models(
             str(ra.path), info, Counter(), {name: BlockStats() for name in info.arch.blocks},
             str(rb.path) if rb is not None else None, policy,
         )
+        result.prediction = prediction_type(info, ra.infos)
         items = list(ra.infos.values())
         scratch = _Scratch()
         for n, tinfo in enumerate(items):
@@ -146,6 +149,7 @@ def format_inspection(result: Inspection) -> str:
         f"{sum(b.keys for b in result.blocks.values())} keys, {result.total_params / 1e6:.1f} M parameters, "
         f"dtypes {', '.join(f'{k}×{v}' for k, v in sorted(result.dtypes.items()))}",
     ]
+    lines.append(f"  prediction: {result.prediction or 'unknown (no marker; SD2 768-v files carry none)'}")
     for note in info.notes:
         lines.append(f"  note: {note}")
     compare = result.other_path is not None

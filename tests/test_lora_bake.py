@@ -105,3 +105,11 @@ def test_mixed_prediction_refused_then_allowed(models, out_dir, capsys):
     assert main(["merge", str(models.sd1_a), str(v), "--allow-mixed-prediction", "-o", str(out_dir / "a.safetensors")]) == 0
     assert "v_pred" not in load_tensors(out_dir / "a.safetensors")
     assert read_metadata(out_dir / "a.safetensors")["modelspec.prediction_type"] == "epsilon"
+
+
+def test_inspect_shows_prediction_type(models, capsys):
+    v = models.derive(models.sd1_b, "v.safetensors", add={"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)})
+    assert main(["inspect", str(v)]) == 0
+    assert "prediction: v+ztsnr" in capsys.readouterr().out
+    assert main(["inspect", str(models.sd1_a)]) == 0
+    assert "prediction: eps" in capsys.readouterr().out
