@@ -1,3 +1,4 @@
+# Follows extensions-builtin/Lora/networks.py and lora_patches.py of A1111 v1.10.1 (tag v1.10.1).
 """extensions-builtin/Lora/networks.py + lora_patches.py of A1111 1.10, reduced to the weight
 bookkeeping: per-module ``network_weights_backup`` / ``network_bias_backup`` /
 ``network_current_names``; the patched ``_load_from_state_dict`` resets them

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_cfg_denoiser.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike in these parts.
 """What Forge kept of A1111 v1.10.1's ``CFGDenoiser`` (modules/sd_samplers_cfg_denoiser.py): the
 state ``__init__`` sets and the CFG combine, uncond + Σ weight·scale·(cond_i − uncond) over the
 ``conds_list`` rows. Each host's ``CFGDenoiser`` builds on it with its own ``forward`` and

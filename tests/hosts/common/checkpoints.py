@@ -1,3 +1,4 @@
+# No host module: tiny ldm-layout checkpoint files, as both hosts load them (model.diffusion_model.* keys).
 """Tiny SD1- and SDXL-flavoured U-Nets with the real block structure (12 / 9 input blocks), and
 checkpoint files holding them plus a shrunk text encoder, so detection, planning and the
 streaming engine treat them like real SD1 / SDXL files."""

@@ -1,3 +1,4 @@
+# Follows ldm/models/diffusion/ddpm.py LatentDiffusion and modules/sd_models_xl.py of A1111 v1.10.1 (tag v1.10.1); backend/diffusion_engine of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """A deterministic fake text encoder and the host model objects wrapped around the tiny U-Net: A1111's
 LatentDiffusion (ldm/models/diffusion/ddpm.py, sgm DiffusionEngine for SDXL) and Forge's engine."""
 from __future__ import annotations

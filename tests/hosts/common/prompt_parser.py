@@ -1,3 +1,4 @@
+# Follows modules/prompt_parser.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike in these parts.
 """modules/prompt_parser.py (A1111 v1.10.1; Forge's is the same in these parts): the conditioning
 structures, AND sub-prompts with weights, and batch reconstruction. Prompt-editing syntax
 ([a:b:n]) is not needed by our tests, so every prompt has one schedule."""

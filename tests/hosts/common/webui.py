@@ -1,3 +1,4 @@
+# Follows modules/fifo_lock.py, modules/options.py, modules/shared_state.py and sd_models.CheckpointInfo of A1111 v1.10.1 and Forge dfdcbab685e5, alike.
 """Host-neutral pieces of both WebUIs, alike in A1111 v1.10.1 and Forge: the queue lock, the
 options object, the job state, the checkpoint record, and the image a weights-only model stands in
 for. No module state here: each host's modules make their own instances."""

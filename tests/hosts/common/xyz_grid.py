@@ -1,3 +1,4 @@
+# Follows scripts/xyz_grid.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike in these parts.
 """scripts/xyz_grid.py (v1.10.1; Forge's is the same in these parts): AxisOption, its helpers, the
 module global ``axis_options``, and the cell loop of ``draw_xyz_grid``: a shallow copy of ``p`` per
 cell, each axis's apply, state.job "<n> out of <total>", process_images, then

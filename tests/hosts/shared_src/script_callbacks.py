@@ -1,3 +1,4 @@
+# Follows modules/script_callbacks.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/script_callbacks.py, alike in A1111 v1.10.1 and Forge: the registrations both features
 use, and their dispatch (a failing callback is reported and the rest still run)."""
 from collections import namedtuple

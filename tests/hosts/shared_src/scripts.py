@@ -1,3 +1,4 @@
+# Follows modules/scripts.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/scripts.py, alike in A1111 v1.10.1 and Forge: Script, AlwaysVisible, scripts_data and the
 runner calls a generation makes. As in the real runner every script call is wrapped: an exception
 is reported and swallowed, and the generation goes on."""

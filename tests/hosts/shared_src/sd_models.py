@@ -1,3 +1,4 @@
+# Follows modules/sd_models.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/sd_models.py, the checkpoint list A1111 1.10 and Forge keep alike: model_path,
 checkpoints_list / checkpoint_aliases, CheckpointInfo.register, list_models (with its reset of the
 selected checkpoint to a --ckpt file), the closest match

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/sd_samplers.py below ``all_samplers``, alike in A1111 v1.10.1 and Forge: the name map,
 find_sampler_config, create_sampler, set_samplers, visible_sampler_names and the functools.cache'd
 get_sampler_and_scheduler. Each host's sd_samplers.py sets ``all_samplers`` and runs this."""

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_kdiffusion.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/sd_samplers_kdiffusion.py, the part A1111 v1.10.1 and Forge share: SamplerData for the
 host's ``samplers_k_diffusion``, karras sigmas and KDiffusionSampler (funcname may be a callable,
 as for Restart). Each host's module first sets ``samplers_k_diffusion``, ``sampler_extra_params``

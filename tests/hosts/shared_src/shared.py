@@ -1,3 +1,4 @@
+# Follows modules/shared.py of A1111 v1.10.1 and Forge dfdcbab685e5, alike (run in each host's module).
 """modules/shared.py with shared_items.Shared, alike in A1111 v1.10.1 and Forge: opts, state, cmd_opts,
 OptionInfo, and ``sd_model`` as a module property (reading it asks sd_models.model_data, which in
 A1111 loads the selected checkpoint when none is loaded; assigning it sets model_data's model).

@@ -1,3 +1,4 @@
+# Follows k_diffusion/external.py of the k-diffusion checkout A1111 v1.10.1 (tag v1.10.1) pins (repositories/k-diffusion).
 """k_diffusion.external.CompVisDenoiser: D = x − σ·ε(x/√(σ²+1), t(σ)) over ``model.apply_model``."""
 import torch
 

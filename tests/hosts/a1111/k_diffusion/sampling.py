@@ -1,3 +1,4 @@
+# Follows k_diffusion/sampling.py of the k-diffusion checkout A1111 v1.10.1 (tag v1.10.1) pins (repositories/k-diffusion).
 """k_diffusion.sampling: the ``torch`` module global the hosts hijack for seeded noise, and Euler."""
 import torch
 

@@ -1,3 +1,4 @@
+# Follows modules/errors.py of A1111 v1.10.1 (tag v1.10.1).
 import traceback
 
 

@@ -1,3 +1,4 @@
+# Follows modules/infotext_utils.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/infotext_utils.py: the infotext regex, quoting, ``parse_generation_parameters`` (without
 styles and version fix-ups) and the per-field logic of ``connect_paste``."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Follows modules/processing.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/processing.py (v1.10.1): the generation flow scripts see (before_process -> the model
 loaded -> process -> init -> setup_conds -> sample, where ``process_before_every_sampling`` runs right
 before each ``sampler.sample``/``sample_img2img`` with ``p.sampler`` created and the Lora built-in

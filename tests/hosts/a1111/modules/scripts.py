@@ -1,3 +1,4 @@
+# Follows modules/scripts.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/scripts.py: alike in A1111 v1.10.1 and Forge; one source in ../../shared_src."""
 from tests.hosts.common import exec_shared
 

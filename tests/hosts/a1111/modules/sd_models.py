@@ -1,3 +1,4 @@
+# Follows modules/sd_models.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/sd_models.py of A1111 1.10: checkpoint list, model_data, load / reload with the
 same-object reuse of sd_checkpoints_limit == 1, on_model_loaded after every load."""
 import types

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_cfg_denoiser.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/sd_samplers_cfg_denoiser.py (v1.10.1) CFGDenoiser: row layout [cond rows per AND
 sub-prompt…, uncond rows], skip_uncond (skip early CFG / NGMS), one inner call with
 batch_cond_uncond or chunks of batch_size without it, the separate path for unequal token

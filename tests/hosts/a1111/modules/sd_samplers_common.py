@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_common.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/sd_samplers_common.py: SamplerData and the Sampler base in the parts samplers use."""
 import inspect
 from collections import namedtuple

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_kdiffusion.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/sd_samplers_kdiffusion.py (v1.10.1): the k-diffusion sampler list and CFGDenoiserKDiffusion
 (inner model: k-diffusion's CompVisDenoiser); KDiffusionSampler is shared with Forge
 (../../shared_src/sd_samplers_kdiffusion.py)."""

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_timesteps.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/sd_samplers_timesteps.py: the ε-predicting denoiser of DDIM/PLMS/UniPC (timesteps in
 place of sigmas) and its sampler, with a plain DDIM (η = 0) loop and v1.10.1's DDIM CFG++
 (sd_samplers_timesteps_impl.ddim_cfgpp at η = 0: λ = CFG/12.5 through ``cond_scale_miltiplier``, the

@@ -1,3 +1,4 @@
+# Follows modules/shared.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/shared.py: one source with Forge's in ../../shared_src, plus the options A1111's sampler loop reads."""
 from tests.hosts.common import exec_shared
 

@@ -1,3 +1,4 @@
+# Follows backend/attention.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/attention.py: ``attention_function(q, k, v, heads, mask=None)`` on (B, tokens, heads·dim)."""
 import torch.nn.functional as F
 

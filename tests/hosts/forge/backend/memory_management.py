@@ -1,3 +1,4 @@
+# Follows backend/memory_management.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/memory_management.py: free memory as the batching logic sees it (tests can lower it)."""
 free_memory_bytes = 1 << 40
 

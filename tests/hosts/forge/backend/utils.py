@@ -1,3 +1,4 @@
+# Follows backend/utils.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 import torch
 
 

@@ -1,3 +1,4 @@
+# Follows k_diffusion/external.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """k_diffusion/external.py (Forge): ForgeScheduleLinker exposes the predictor's sigmas to samplers."""
 import torch
 

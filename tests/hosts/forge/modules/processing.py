@@ -1,3 +1,4 @@
+# Follows modules/processing.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/processing.py (Forge): like A1111's, plus ``forge_objects`` resets and ``hr_cfg`` (no hires
 uncond at 1). Per batch the U-Net patcher is reset from ``forge_objects_original`` and then
 ``..._after_applying_lora``; ``sample`` resets it again right before ``process_before_every_sampling``;

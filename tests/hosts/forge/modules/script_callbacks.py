@@ -1,3 +1,4 @@
+# Follows modules/script_callbacks.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/script_callbacks.py: alike in A1111 v1.10.1 and Forge; one source in ../../shared_src."""
 from tests.hosts.common import exec_shared
 

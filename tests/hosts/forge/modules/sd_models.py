@@ -1,3 +1,4 @@
+# Follows modules/sd_models.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/sd_models.py of Forge: FakeInitialModel until the first generation, forge_model_reload
 driven by forge_loading_parameters (a new ForgeDiffusionEngine object per load, under
 torch.inference_mode), reload_model_weights a no-op stub."""

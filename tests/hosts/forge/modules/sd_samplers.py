@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/sd_samplers.py (Forge): all_samplers (k-diffusion only here), the part shared with A1111
 (../../shared_src/sd_samplers.py), plus ``add_sampler`` (rebinds all_samplers_map)."""
 from modules import sd_samplers_kdiffusion

@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_cfg_denoiser.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/sd_samplers_cfg_denoiser.py (Forge): CFGDenoiser.forward hands the reconstructed conds to
 backend's sampling_function; hires CFG, "skip early CFG" and NGMS only change cond_scale."""
 from backend.sampling.sampling_function import sampling_function

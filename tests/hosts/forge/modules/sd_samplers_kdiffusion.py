@@ -1,3 +1,4 @@
+# Follows modules/sd_samplers_kdiffusion.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/sd_samplers_kdiffusion.py (Forge): the inner model is a schedule linker whose
 ``inner_model`` is the ForgeDiffusionEngine; KDiffusionSampler is shared with A1111
 (../../shared_src/sd_samplers_kdiffusion.py)."""

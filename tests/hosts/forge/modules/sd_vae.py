@@ -1,3 +1,4 @@
+# Follows modules/sd_vae.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/sd_vae.py: the VAE list."""
 vae_dict = {}
 

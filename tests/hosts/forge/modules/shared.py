@@ -1,3 +1,4 @@
+# Follows modules/shared.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules/shared.py: one source with A1111's in ../../shared_src, plus the options Forge's sampler loop reads."""
 from tests.hosts.common import exec_shared
 

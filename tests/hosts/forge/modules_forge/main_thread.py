@@ -1,3 +1,4 @@
+# Follows modules_forge/main_thread.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """modules_forge/main_thread.py: every generation runs on one thread; callers wait for the result
 (an exception is printed and the result is None)."""
 import threading

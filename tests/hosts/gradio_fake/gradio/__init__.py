@@ -1,3 +1,4 @@
+# No host module: records the gradio calls our guidance UI makes (gradio 3.41 / 4.x signatures).
 """A recording stand-in of the gradio subset our UI uses (components keep their kwargs and value)."""
 
 created = []

@@ -1,3 +1,4 @@
+# Follows modules/api/api.py of A1111 v1.10.1 (tag v1.10.1).
 """modules/api/api.py: ``init_script_args`` for alwayson scripts and the middleware's
 ``handle_exception`` (any exception from the request becomes a JSON error, status 500 unless the
 exception carries one; a traceback is printed for every exception but fastapi's HTTPException)."""

@@ -1,0 +1,1 @@
+# Stands in for the package backend/diffusion_engine/ of Forge dfdcbab685e5, a namespace package there (no __init__.py).

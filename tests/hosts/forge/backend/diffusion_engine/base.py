@@ -1,3 +1,4 @@
+# Follows backend/diffusion_engine/base.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/diffusion_engine/base.py: ForgeDiffusionEngine (sd15.StableDiffusion / sdxl.StableDiffusionXL
 in the parts processing, the LoRA built-in and the adapters touch): ``forge_objects.unet`` is a
 UnetPatcher over a KModel, with the ``_original`` and ``_after_applying_lora`` copies; no ``.model``."""

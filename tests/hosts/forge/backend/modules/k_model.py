@@ -1,3 +1,4 @@
+# Follows backend/modules/k_model.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/modules/k_model.py: KModel (storage and computation dtypes), apply_model(x, t, c_concat, c_crossattn, control,
 transformer_options, **kwargs) with an ε predictor (σ in, x0 out), and memory_required."""
 import torch

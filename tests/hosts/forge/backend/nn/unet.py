@@ -1,3 +1,4 @@
+# Follows backend/nn/unet.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/nn/unet.py: Forge's IntegratedUNet2DConditionModel forward in the parts patches see.
 
 The tiny ldm U-Net's modules walked the Forge way: ``transformer_options["block"]`` is

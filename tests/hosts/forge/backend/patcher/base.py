@@ -1,3 +1,4 @@
+# Follows backend/patcher/base.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/patcher/base.py: ModelPatcher's model_options API (clone shares the model, deep-copies
 model_options, copies lora_patches) and its LoRA bookkeeping (add_patches, refresh_loras through the
 model's LoraLoader)."""

@@ -1,3 +1,4 @@
+# Follows backend/patcher/lora.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/patcher/lora.py: LoraLoader.refresh restores every backed-up Parameter, then backs up
 and replaces each patched key with a new Parameter (only "diff" patches here)."""
 import torch

@@ -1,3 +1,4 @@
+# Follows backend/patcher/unet.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/patcher/unet.py: UnetPatcher.clone (shares the torch model, deep-copies model_options, copies lora_patches)."""
 import copy
 

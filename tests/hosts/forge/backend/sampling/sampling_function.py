@@ -1,3 +1,4 @@
+# Follows backend/sampling/sampling_function.py of Forge dfdcbab685e5 (lllyasviel/stable-diffusion-webui-forge).
 """backend/sampling/sampling_function.py: conditions -> chunks -> batched forwards -> CFG.
 
 ``calc_cond_uncond_batch`` groups every concatenable cond/uncond entry, in the real function's
