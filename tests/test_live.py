@@ -309,3 +309,62 @@ def test_live_merge_leaves_torch_threads_of_the_host_alone(files):
         assert fresh() == 2
     finally:
         torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_model_of_inference_tensors_restores_bit_exactly(files, dtype):
+    # Forge loads its weights under inference_mode: originals are compared in place and copied
+    # (into normal tensors) only when kept — the fp16 model keeps them, the fp32 one re-reads the file.
+    a, b = files["sd1"][:2]
+    with torch.inference_mode():
+        unet = loaded_unet(a, "sd1", dtype)
+    before = _snapshot(unet)
+    live = LiveMerge(LiveTarget({PREFIX: unet}), a)
+    live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.6, weights="IN04=0.2"))
+    assert live.original_bytes == (0 if dtype == torch.float32 else sum(t.numel() * 2 for t in before.values()))
+    assert all(v is None or not v.is_inference() for v in live._originals.values())
+    live.restore()
+    after = _snapshot(unet)
+    assert all(_same_bits(before[k], after[k]) for k in before)
+    live.close()
+
+
+_CAPTURE_PEAK = r"""
+import resource, sys, torch
+from safetensors.torch import save_file
+from lib_merge.live import LiveMerge, LiveTarget
+path = sys.argv[1]
+w16 = torch.randn(32 << 20).mul_(0.02).half()
+save_file({"w": w16}, path)
+with torch.inference_mode():
+    w = w16.float()  # Forge --all-in-fp32: fp32 weights made from the fp16 file under inference mode
+del w16
+
+class Target(LiveTarget):
+    def current(self, key):
+        return w
+
+live = LiveMerge(Target({}), path)
+assert live._file_match("w", w) == "cast"  # maps and reads the file, sizes the scratch buffer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+live._capture("w")
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+assert live._originals["w"] is None
+print(grown)
+"""
+
+
+def test_capturing_an_inference_tensor_that_equals_the_file_copies_nothing(tmp_path):
+    # 32 M fp32 elements (128 MB): a copy made before the comparison would raise the peak by that much.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", _CAPTURE_PEAK, str(tmp_path / "w.safetensors")],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    grown_mb = int(done.stdout.strip().splitlines()[-1])
+    assert grown_mb < 32, f"peak memory grew {grown_mb} MB while capturing a 128 MB original equal to the file"
