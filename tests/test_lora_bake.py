@@ -74,6 +74,24 @@ def test_bad_lora_is_one_error_and_no_output(models, out_dir, capsys):
     assert not list(out_dir.iterdir())
 
 
+def test_output_never_replaces_a_lora_or_the_vae(models, out_dir, capsys):
+    """The output may not be any file the recipe reads, --overwrite or not: a LoRA, the VAE."""
+    with open_checkpoint(models.sd1_a) as r:
+        save_file(synthetic_lora(r.shapes(), "sd1", rank=2, seed=3), str(out_dir / "l.safetensors"))
+    lora = out_dir / "l.safetensors"
+    vae = out_dir / "vae.safetensors"
+    vae.write_bytes(models.sd1_b.read_bytes())
+    before = {lora: lora.read_bytes(), vae: vae.read_bytes()}
+    for target, extra in ((lora, []), (vae, ["--vae", str(vae)])):
+        code = main(["merge", str(models.sd1_a), str(models.sd1_b), "--lora", f"{lora}:0.5", *extra,
+                     "-o", str(target), "--overwrite", "--no-hash"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        assert "input of the merge" in err[0] and target.name in err[0]
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["l.safetensors", "vae.safetensors"]
+
+
 def test_fp8_output_unet_only_saturated_within_one_ulp(models, out_dir):
     big = models.derive(models.sd1_a, "big.safetensors",
                         replace={U + "out.2.bias": torch.tensor([500.0, -1e4, 1.0, 0.3], dtype=torch.float16)})

@@ -42,6 +42,16 @@ def clear_stale_journal(out_path: Path, *, resume: bool, overwrite: bool) -> Non
         raise OutputPathError(f"{stale}: cannot remove the old resume file ({exc.strerror}); delete it by hand") from None
 
 
+def input_files(plan: MergePlan) -> list[Path]:
+    """Every file the recipe reads — models, the baked VAE, the LoRAs — so that no output name,
+    even with --overwrite, can replace one of them."""
+    files = [Path(r.path) for r in plan.readers]
+    if plan.recipe.vae:
+        files.append(Path(plan.recipe.vae))
+    files.extend(Path(lora["path"]) for lora in plan.recipe.loras)
+    return files
+
+
 def open_output(
     plan: MergePlan,
     out_path: Path,
@@ -67,7 +77,7 @@ def open_output(
         out_path,
         planned,
         metadata,
-        inputs=[r.path for r in plan.readers],
+        inputs=input_files(plan),
         overwrite=overwrite,
         durable=durable,
         resume=resume,
