@@ -9,6 +9,7 @@ import torch
 from ..errors import BadParameterError
 from .basic import MODEL_WEIGHTS, parse_model_weights
 from .registry import KeyContext, Param, merge_method
+from .task_vector import lazy_inputs, load
 
 TOL = Param("tol", float, 1e-5, "Karcher: stop when the tangent step's norm is below tol; norms ≤ tol count as zero", 0.0, 1.0)
 MAX_ITER = Param("max_iter", int, 10, "Karcher: most fixed-point iterations", 1, 10000)
@@ -20,36 +21,67 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm()
 
 
+# N unit directions, the iterate, its tangent step and one scratch vector, all fp32; each input
+# is mapped only while its direction is made.
+def _karcher_copies(n: int) -> float:
+    return n + 3
+
+
 @merge_method("karcher", inputs=("A", "B"), params=(MODEL_WEIGHTS, TOL, MAX_ITER), variadic=True,
               reference="https://github.com/arcee-ai/mergekit")
-def karcher(*models: torch.Tensor, ctx: KeyContext, model_weights: str, tol: float, max_iter: int) -> torch.Tensor:
+@lazy_inputs(_karcher_copies)
+def karcher(*models, ctx: KeyContext, model_weights: str, tol: float, max_iter: int) -> torch.Tensor:
     """Karcher (Fréchet) mean on the sphere: directions uᵢ = θᵢ/‖θᵢ‖ averaged by the fixed point
     u ← exp_u(Σwᵢ log_u(uᵢ)), scaled by Σwᵢ‖θᵢ‖ (mergekit `karcher`; weights equal by default,
     normalised). Identical models give that model; two give their slerp at w_B."""
     w = parse_model_weights(model_weights, len(models))
-    norms = [float(t.norm()) for t in models]
-    live = [(wi, t.reshape(-1) / n) for wi, t, n in zip(w, models, norms) if n > tol]
+    shape: torch.Size | None = None
+    norms: list[float] = []
+    live: list[tuple[float, torch.Tensor]] = []
+    for wi, model in zip(w, models):
+        mapped = load(model)
+        shape = mapped.shape
+        # fp32 from the engine's fp16/bf16/fp32 inputs; a caller's fp64 stays fp64
+        x = mapped.reshape(-1).to(torch.promote_types(mapped.dtype, torch.float32), copy=True)
+        del mapped  # unmaps the input before the next one is read
+        norm = float(x.norm())
+        norms.append(norm)
+        if norm > tol:
+            live.append((wi, x.div_(norm)))
+    assert shape is not None
     out_norm = sum(wi * n for wi, n in zip(w, norms))  # zero-norm models still count here
     if not live:
-        return torch.zeros_like(models[0])
+        return torch.zeros(shape, dtype=x.dtype)
     total = sum(wi for wi, _ in live)
     live = [(wi / total, u) for wi, u in live]
-    u = sum(wi * ui for wi, ui in live)
-    u = u / u.norm() if float(u.norm()) >= tol else live[0][1].clone()
+    scratch = torch.empty_like(live[0][1])
+    # in place, with the same roundings as the plain expressions: Σwᵢuᵢ, uᵢ − cos·u, cos·u + sin·s/‖s‖
+    u = torch.mul(live[0][1], live[0][0])
+    for wi, ui in live[1:]:
+        u.add_(torch.mul(ui, wi, out=scratch))
+    if float(u.norm()) >= tol:
+        u.div_(u.norm())
+    else:
+        u.copy_(live[0][1])
+    step = torch.empty_like(u)
     for _ in range(max_iter):
-        step = torch.zeros_like(u)
+        step.zero_()
         for wi, ui in live:
             cos = float(torch.dot(u, ui).clamp(-1.0, 1.0))
             theta = math.acos(cos)
             if theta < tol:
                 continue
-            step.add_(ui - cos * u, alpha=wi * theta / math.sin(theta))
+            torch.sub(ui, torch.mul(u, cos, out=scratch), out=scratch)
+            step.add_(scratch, alpha=wi * theta / math.sin(theta))
         size = float(step.norm())
         if size < tol:
             break
-        u = math.cos(size) * u + math.sin(size) * step / size
-        u = u / u.norm()
-    return (u * out_norm).reshape(models[0].shape)
+        u.mul_(math.cos(size)).add_(step.mul_(math.sin(size)).div_(size))
+        u.div_(u.norm())
+    return u.mul_(out_norm).reshape(shape)
+
+
+karcher.working_set = "N unit directions, the iterate, its step and a scratch vector; one input mapped at a time"  # type: ignore[attr-defined]
 
 
 @merge_method("multislerp", inputs=("A", "B"), params=(MODEL_WEIGHTS, NORMALIZE, USE_BASE), variadic=True,
