@@ -2,6 +2,7 @@
 spellings kept, and runnable from any folder."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -38,3 +39,23 @@ def test_guidance_benchmark_runs_from_another_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method in ("PAG", "SEG", "CFG++", "FreeU"):
         assert method in proc.stdout
+
+
+def test_lora_benchmark_runs_end_to_end_on_small_files(tmp_path):
+    """The smallest configuration of `bench lora` (widths ÷ 32, rank 4) from another folder: every
+    contender reports, the randomized extraction is within a few percent of the optimal error,
+    and the scratch folder is removed."""
+    args = build_parser().parse_args(["bench", "lora", "--scale", "32", "--rank", "4", "--dir", "d"])
+    assert (args.bench, args.arch, args.scale, args.rank, args.dir) == ("lora", "sd1", 32, 4, "d")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lib_merge", "bench", "lora", "--scale", "32", "--rank", "4", "--dir", "scratch"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for label in ("(a) I/O floor", "(b) bake", "(b2) weighted_sum A B --lora L", "full SVD", "randomized SVD"):
+        assert label in out, out
+    assert "load average" in out and "targets: bake/a ≤ 1.5" in out
+    full, randomized = (float(v) for v in re.search(r"full ([0-9.]+), randomized ([0-9.]+)", out).groups())
+    assert 0 < full < 1 and full <= randomized * (1 + 1e-6) and randomized <= 1.05 * full
+    assert not (tmp_path / "scratch").exists()

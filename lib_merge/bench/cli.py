@@ -1,5 +1,5 @@
-"""The ``bench`` sub-command: ``bench [merge] …``, ``bench many N[,N…] …``, ``bench live …`` and
-``bench guidance …``. The last two keep their own option parsers (they also run as modules)."""
+"""The ``bench`` sub-command: ``bench [merge] …``, ``bench many N[,N…] …``, ``bench lora …``,
+``bench live …`` and ``bench guidance …``. The last two keep their own option parsers (they also run as modules)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,13 @@ def bench_parsers(sub) -> None:
     many.add_argument("many", metavar="N[,N…]", help="model counts, e.g. 4,8,16")
     many.add_argument("--max-memory", default="3G", help="working-set cap for dgmla (default 3G)")
 
-    for parser in (merge, many):
+    lora = kinds.add_parser("lora", help=KINDS["lora"])
+    lora.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    lora.add_argument("--rank", type=int, default=64, help="rank of the baked and of the extracted LoRA (default 64)")
+    lora.add_argument("--scale", type=int, default=1, metavar="N",
+                      help="divide the layer widths by N (a quick run on small files; default 1 = full size)")
+
+    for parser in (merge, many, lora):
         parser.add_argument("--dir", default="bench_tmp", help="scratch folder (needs ~3× a checkpoint of free space)")
         parser.add_argument("--threads", type=int)
         parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
@@ -70,4 +76,8 @@ def run_benchmark(args) -> int:
         from .many import run_many_bench
 
         return run_many_bench(args)
+    if args.bench == "lora":
+        from .lora import run_lora_bench
+
+        return run_lora_bench(args)
     raise AssertionError(f"bench {args.bench} runs through run_pass_through")

@@ -80,13 +80,14 @@ def run_bench(args) -> int:
     return 0
 
 
-def _run(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
-    """Run one contender in a fresh interpreter; report its wall time and peak RSS."""
+def _run(kind: str, a: Path, b: Path, out: Path, *extra: str, module: str = "lib_merge.bench.merge") -> dict:
+    """Run one contender in a fresh interpreter (``module``'s worker; other benchmarks reuse this
+    runner and this module's floors); report its wall time and peak RSS."""
     out.unlink(missing_ok=True)
     log = out.with_name(out.name + ".log")
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lib_merge.bench.merge", kind, str(a), str(b), str(out), *extra],
+            [sys.executable, "-m", module, kind, str(a), str(b), str(out), *extra],
             stdout=subprocess.PIPE,
             stderr=err,  # progress bars of the contenders stay out of the table
             text=True,
