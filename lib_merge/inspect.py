@@ -13,6 +13,7 @@ from .arch import ModelInfo, block_of, detect_architecture, key_kind
 from .arch.detect import prediction_type
 from .errors import ArchitectureMismatchError
 from .io.reader import CheckpointReader, open_checkpoint
+from .torch_threads import on_one_torch_thread
 
 
 @dataclass
@@ -58,6 +59,12 @@ def inspect_models(
     policy: str = "supermerger",
     progress: Callable[[int, int], None] | None = None,
 ) -> Inspection:
+    """Per-block counts of A, and with B the comparison sums (``progress`` is called from the
+    worker thread that runs them with one torch thread; see ``torch_threads``)."""
+    return on_one_torch_thread(_inspect, a, b, policy=policy, progress=progress)
+
+
+def _inspect(a, b, *, policy: str, progress: Callable[[int, int], None] | None) -> Inspection:
     ra = a if isinstance(a, CheckpointReader) else open_checkpoint(a)
     rb = b if isinstance(b, CheckpointReader) or b is None else open_checkpoint(b)
     try:

@@ -65,3 +65,38 @@ def test_comparing_a_big_tensor_needs_no_copy_of_it():
     assert done.returncode == 0, done.stderr
     grown_mb = int(done.stdout.strip().splitlines()[-1])
     assert grown_mb < 64, f"peak memory grew {grown_mb} MB while comparing a 96 MB pair"
+
+
+def test_compare_runs_on_one_torch_thread_and_leaves_the_callers_setting(tmp_path):
+    # On a busy 2-core machine every op split over torch's two threads waits for the descheduled
+    # one (the real A1111's Compare: 78 s with 2 threads, 4.9 s with 1); the host's own setting,
+    # and what threads started later inherit, must stay as they were.
+    import threading
+
+    from lib_merge.inspect import inspect_models
+    from tests.hosts.common.checkpoints import write_checkpoint
+
+    a, b = (write_checkpoint(tmp_path / f"m{i}.safetensors", "sd1", seed=i) for i in range(2))
+    seen = set()
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run single-threaded; a WebUI does not
+    try:
+        result = inspect_models(str(a), str(b), progress=lambda n, total: seen.add(torch.get_num_threads()))
+        fresh = []
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == {1}
+        assert torch.get_num_threads() == 2 and fresh == [2]
+    finally:
+        torch.set_num_threads(original)
+    compared = [stats for stats in result.blocks.values() if stats.sq_a > 0]
+    assert compared and all(stats.relative_difference > 0 for stats in compared)
+
+
+def test_compare_errors_reach_the_caller(tmp_path):
+    from lib_merge.errors import MergeError
+    from lib_merge.inspect import inspect_models
+
+    with pytest.raises(MergeError):
+        inspect_models(str(tmp_path / "missing.safetensors"))
