@@ -143,7 +143,16 @@ class LiveSession:
                     params["Merge Board"] = "skipped (loaded model is not A)"
                     self._infotext_keys.add("Merge Board")
                 return
-            report = self.sync(overrides)
+            try:
+                self.sync(overrides)
+            except MergeError as exc:
+                # A refusal (e.g. fp8 weights) is the user's to read, not a traceback: the host's
+                # script runner would print one and make the image without the merge anyway.
+                self._note(p, f"[Merge Board] this generation runs without the live merge: {exc}")
+                if params is not None:
+                    params["Merge Board"] = "skipped (see the console)"
+                    self._infotext_keys.add("Merge Board")
+                return
         if recipe is not None and params is not None:
             items = {INFOTEXT_RECIPE: recipe_infotext(recipe)}
             items.update(infotext_items(overrides or {}))
