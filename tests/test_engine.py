@@ -720,3 +720,44 @@ def test_merge_leaves_torch_thread_count_of_later_threads_alone(tmp_path, models
         assert seen == [2]
     finally:
         torch.set_num_threads(before)
+
+
+# ---- kill -9 while write-back runs -----------------------------------------------------------------
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import lib_merge.engine.run as run
+from lib_merge.recipe import Recipe
+where, a, b, out = sys.argv[1:]
+if where == "merging":  # some keys handed to write-back, the rest not yet merged
+    produce, seen = run.produce_job, [0]
+    def dying(plan, job, counters=None):
+        seen[0] += 1
+        if seen[0] == 30:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield from produce(plan, job, counters)
+    run.produce_job = dying
+else:  # every byte written, fsync'd, hashed and verified: killed on the way to the rename
+    os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+run.merge(Recipe("weighted_sum", (a, b), alpha=0.3), out, hash_inputs=False, threads=2)
+"""
+
+
+@pytest.mark.parametrize("where", ["merging", "before_rename"])
+def test_kill_9_with_write_back_leaves_nothing_under_the_final_name(models, out_dir, where):
+    import subprocess
+    import sys
+
+    a, b = models.sd1_a, models.sd1_b
+    out = out_dir / "killed.safetensors"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, where, str(a), str(b), str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert leftovers(out_dir, out.name) == [out_dir / "killed.safetensors.tmp"]
+    # a plain re-run needs no --overwrite and writes the same file as an uninterrupted merge
+    result, _ = run_merge([a, b], out, alpha=0.3, durable=True)
+    reference, _ = run_merge([a, b], out_dir / "reference.safetensors", alpha=0.3, durable=True)
+    assert leftovers(out_dir, out.name) == [out]
+    assert out.read_bytes() == reference.path.read_bytes()
+    assert result.sha256 == reference.sha256 == sha256(out)

@@ -3,11 +3,13 @@ inputs), the lazy reader's validation of damaged files, and the restricted unpic
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
 import random
 import sys
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lib_merge.errors import CorruptFileError, MergeError, OutputPathError, UnsafePickleError
 from lib_merge.io import SafetensorsReader, SafetensorsWriter, open_checkpoint
@@ -177,6 +180,124 @@ def test_write_part_rejects_wrong_dtype_overrun_and_unplanned_keys(tmp_path):
 def test_duplicate_planned_key_is_refused(tmp_path):
     with pytest.raises(MergeError, match="planned twice"):
         SafetensorsWriter(tmp_path / "dup.safetensors", [("a", (1,), torch.float32), ("a", (1,), torch.float32)])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- writer: write-back and the output hash while writing ----------------------------------------
+
+
+def _streamed(tmp_path, seed=21, n=9):
+    """Keys of a few MiB (the hasher reads 8 MiB blocks), written out of order from threads."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"k{i}": torch.randn(300_000 + 77_777 * i, generator=g).to(torch.float16) for i in range(n)}
+    tensors["empty"] = torch.empty(0, dtype=torch.float32)
+    tensors["last"] = torch.arange(5.0)
+    return tensors, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+
+
+def _write_shuffled(writer, tensors, keys=None):
+    keys = list(keys if keys is not None else tensors)
+    random.Random(len(keys)).shuffle(keys)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda k: writer.write(k, tensors[k]), keys))
+
+
+def test_output_sha256_is_computed_while_writing_out_of_order(tmp_path):
+    tensors, planned = _streamed(tmp_path)
+    path = tmp_path / "h.safetensors"
+    writer = SafetensorsWriter(path, planned, {"m": "x"}, hash_output=True)
+    _write_shuffled(writer, tensors)
+    writer.finish()
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_file(str(path)).keys() == tensors.keys()
+
+
+def test_output_sha256_of_a_resumed_file_covers_the_bytes_of_the_first_run(tmp_path):
+    tensors, planned = _streamed(tmp_path, seed=4)
+    path = tmp_path / "r.safetensors"
+    first = SafetensorsWriter(path, planned, hash_output=True)
+    kept = [k for k in tensors if k.endswith(("1", "2", "5"))]
+    _write_shuffled(first, tensors, kept)
+    first.keep_partial()
+    second = SafetensorsWriter(path, planned, hash_output=True, resume=True)
+    assert second.resumed
+    second.mark_written(kept)
+    _write_shuffled(second, tensors, [k for k in tensors if k not in kept])
+    second.finish()
+    whole = path.read_bytes()
+    assert second.sha256 == hashlib.sha256(whole).hexdigest()
+    reference = write_all(tmp_path / "ref.safetensors", tensors)
+    assert whole == reference.read_bytes()
+
+
+def test_every_written_byte_is_handed_to_write_back_before_the_rename(tmp_path, monkeypatch):
+    """Durable writes start write-back of each finished key while the merge runs, so the final
+    fsync finds little left: by the rename, every byte of the file was handed over."""
+    from lib_merge.io import writeback
+
+    started: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def record(fd, offset, nbytes, flags):
+        assert flags == writeback.SYNC_FILE_RANGE_WRITE
+        with lock:
+            started.append((offset, offset + nbytes))
+
+    monkeypatch.setattr(writeback, "sync_file_range", record)
+    tensors, planned = _streamed(tmp_path, seed=8)
+    path = tmp_path / "wb.safetensors"
+    writer = SafetensorsWriter(path, planned)
+    seen_at_rename = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (seen_at_rename.extend(started), real_replace(a, b)))
+    _write_shuffled(writer, tensors)
+    writer.finish()
+    covered, end = 0, 0
+    for lo, hi in sorted(seen_at_rename):
+        assert lo >= end, "a range was handed over twice"
+        covered, end = covered + hi - lo, hi
+    assert covered == end == path.stat().st_size
+
+
+@pytest.mark.parametrize("how", ["missing", "refused"])
+def test_without_sync_file_range_the_output_is_the_same(tmp_path, monkeypatch, how):
+    """macOS/Windows have no sync_file_range and some filesystems refuse it: the final fsync then
+    does all the work, and the file and its hash are the same."""
+    from lib_merge.io import writeback
+
+    def refuse(fd, offset, nbytes, flags):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writeback, "sync_file_range", None if how == "missing" else refuse)
+    tensors, planned = _streamed(tmp_path, seed=9, n=3)
+    writer = SafetensorsWriter(tmp_path / "n.safetensors", planned, hash_output=True)
+    _write_shuffled(writer, tensors)
+    path = writer.finish()
+    assert path.read_bytes() == write_all(tmp_path / "ref.safetensors", tensors).read_bytes()
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_shorter_than_planned_fails_the_hash_and_leaves_nothing(tmp_path, monkeypatch):
+    """The hasher reads every byte back: a file cut short under the writer (another process,
+    a failing filesystem) fails the merge instead of yielding the hash of a partial file."""
+    from lib_merge.io import writeback
+
+    cut = threading.Event()
+    real_hash_block = writeback.Tail._hash_block
+
+    def after_the_cut(self, buf, prefix):
+        cut.wait(30)
+        return real_hash_block(self, buf, prefix)
+
+    monkeypatch.setattr(writeback.Tail, "_hash_block", after_the_cut)
+    tensors, planned = _streamed(tmp_path, seed=2, n=3)
+    path = tmp_path / "cut.safetensors"
+    writer = SafetensorsWriter(path, planned, hash_output=True)
+    _write_shuffled(writer, tensors)
+    os.truncate(writer.tmp_path, writer.total_size // 2)
+    cut.set()
+    with pytest.raises(MergeError, match=f"write failed .the file ends at {writer.total_size // 2} bytes"):
+        writer.finish()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -62,6 +62,7 @@ def open_output(
     resume: bool,
     overwrite: bool,
     durable: bool,
+    hash_output: bool = False,
 ) -> tuple[SafetensorsWriter, Journal | None, set[str]]:
     """The output's writer, its journal (only with ``settings``, the run's recorded options) and
     the keys a resumed run keeps. The old journal is read before the partial file is touched;
@@ -81,6 +82,7 @@ def open_output(
         overwrite=overwrite,
         durable=durable,
         resume=resume,
+        hash_output=hash_output,
     )
     if log is not None:
         if not writer.resumed:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import BadParameterError, MergeCancelled
-from ..io.hashing import sha256_file, short_hash
+from ..io.hashing import remember_sha256, sha256_file, short_hash
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..lora.attach import attached_loras
 from ..many import MemoryPlan, job_bytes, parse_size, plan_memory
@@ -123,7 +123,7 @@ def execute(
     clear_stale_journal(out_path, resume=resume, overwrite=overwrite)
     settings = {"threads": threads, "max_memory": memory.budget} if use_journal else None
     writer, log, done = open_output(plan, out_path, planned, metadata, settings,
-                                    resume=resume, overwrite=overwrite, durable=durable)
+                                    resume=resume, overwrite=overwrite, durable=durable, hash_output=hash_output)
     total = sum(j.nbytes_out for j in plan.jobs)
     counters = Counters()
     counters.written = sum(j.nbytes_out for j in plan.jobs if j.key in done)
@@ -158,7 +158,9 @@ def execute(
     writer.finish()
     if log is not None:
         log.remove()
-    digest = sha256_file(out_path) if hash_output else None
+    digest = writer.sha256  # hashed while the merge ran, from the bytes the file holds
+    if digest:
+        remember_sha256(out_path, digest)
     return MergeResult(
         out_path, digest, time.perf_counter() - started, counters.read, counters.written, list(plan.warnings),
         memory, len(done),

@@ -46,6 +46,14 @@ def sha256_file(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:
     return value
 
 
+def remember_sha256(path: str | os.PathLike[str], sha256: str) -> None:
+    """Cache a digest computed elsewhere (the writer hashes its output while writing it), so the
+    WebUI or a later merge that reads this file as an input does not hash it again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    _store(str(p), f"{st.st_size}:{st.st_mtime_ns}", sha256)
+
+
 def short_hash(sha256: str) -> str:
     return sha256[:10]
 

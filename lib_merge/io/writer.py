@@ -4,7 +4,22 @@ The header is computed from the planned keys, shapes and dtypes before any tenso
 each tensor has a fixed offset and can be written with ``pwrite`` the moment it is produced, in
 any order and from any thread. The file is written as ``NAME.tmp`` beside the output, space is
 reserved up front (a full disk fails before the merge, not after an hour), and the final name
-appears only after every key was written and the header re-read successfully.
+appears only after every key was written, the file was fsync'd (``durable``) and it read back
+as planned; a kill at any point leaves at most ``NAME.tmp``, never a file under the final name.
+
+While the merge runs, each finished key is handed to write-back at once and the finished prefix
+of the file is read back in order and hashed (``writeback.Tail``), so the final ``fsync`` finds
+little left and the output's sha256 needs no separate pass.
+
+What ``finish`` verifies, and why no second full read: after the last ``fsync`` and ``close``
+(NFS and some FUSE mounts report a failed write-back only there) the header is re-read and must
+equal the bytes written byte for byte, and the file must have exactly the planned size and keys —
+this is what catches a file damaged, truncated or replaced between the writes and the rename.
+The data itself is read back once, by the hasher, from the page cache: a read error or a file
+shorter than planned fails the merge there. A checksum of each part compared with that read
+would not add anything on a local filesystem (the page cache holds exactly the bytes ``pwrite``
+copied, so it always matches) and would cost a CPU pass over the whole output; a failing disk is
+reported by ``fsync``, which is checked.
 """
 from __future__ import annotations
 
@@ -19,6 +34,7 @@ import torch
 
 from ..errors import CorruptFileError, MergeError, OutputPathError
 from .dtypes import TORCH_TO_CODE, itemsize
+from .writeback import Tail
 
 
 class PlannedTensor:
@@ -89,8 +105,10 @@ class SafetensorsWriter:
         overwrite: bool = False,
         resume: bool = False,
         durable: bool = True,
+        hash_output: bool = False,
     ):
         self.durable = durable
+        self.sha256: str | None = None  # of the whole file, after finish() (hash_output=True)
         self.path = Path(path)
         self.tmp_path = temp_path_for(self.path)
         check_output_path(self.path, [Path(p) for p in inputs], overwrite=overwrite)
@@ -102,6 +120,10 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._fd = -1
         self._open(resume)
+        self._tail: Tail | None = None
+        if durable or hash_output:
+            self._tail = Tail(self._fd, self.total_size, flush=durable, hash=hash_output)
+            self._tail.done(0, self.data_start)  # the header, written by _open
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _open(self, resume: bool) -> None:
@@ -138,7 +160,10 @@ class SafetensorsWriter:
     def mark_written(self, keys: Iterable[str]) -> None:
         """Resume support: declare keys whose bytes are already in the temporary file."""
         with self._lock:
-            self._written.update(keys)
+            fresh = [k for k in keys if k not in self._written]
+            self._written.update(fresh)
+        for key in fresh:
+            self._finished(key)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor."""
@@ -175,7 +200,16 @@ class SafetensorsWriter:
         """Declare every byte of ``key`` written."""
         self._planned(key)
         with self._lock:
+            if key in self._written:
+                return
             self._written.add(key)
+        self._finished(key)
+
+    def _finished(self, key: str) -> None:
+        if self._tail is not None:
+            planned = self.tensors[key]
+            start = self.data_start + planned.offset
+            self._tail.done(start, start + planned.nbytes)
 
     def _planned(self, key: str) -> PlannedTensor:
         planned = self.tensors.get(key)
@@ -195,7 +229,10 @@ class SafetensorsWriter:
             raise MergeError(f"{self.path}: {len(missing)} keys were never written (first: {missing[0]!r})")
         try:
             if self.durable:
-                os.fsync(self._fd)
+                os.fsync(self._fd)  # runs while the hasher reads the last keys
+            if self._tail is not None:
+                tail, self._tail = self._tail, None
+                self.sha256 = tail.close()
         except OSError as exc:
             self.abort()
             raise _disk_error(exc, self.path, self.total_size) from None
@@ -239,9 +276,15 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._cleanup()
 
+    def _stop_tail(self) -> None:
+        tail, self._tail = getattr(self, "_tail", None), None
+        if tail is not None:
+            tail.stop()  # out of the file before it is closed
+
     def _cleanup(self) -> None:
         """Best effort: runs while another error is on its way up, which must stay the one
         reported (a read-only folder refuses even the unlink of a file that was never made)."""
+        self._stop_tail()
         if self._fd >= 0:
             try:
                 os.close(self._fd)
@@ -255,6 +298,7 @@ class SafetensorsWriter:
 
     def keep_partial(self) -> None:
         """Close without deleting the temporary file (resume after an interruption)."""
+        self._stop_tail()
         if self._fd >= 0:
             try:
                 os.fsync(self._fd)
