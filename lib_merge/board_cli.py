@@ -22,6 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--models-dir", type=Path, help="folder of .safetensors/.ckpt checkpoints; merged files are saved "
                    "here too (default: demo_models, filled with small synthetic models on first use)")
+    p.add_argument("--lora-dir", type=Path, help="folder of LoRAs for Save and Extract LoRA (default: the loras "
+                   "subfolder of the models folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7870, help="port (default 7870)")
     p.add_argument("--open", action="store_true", help="open a browser tab")
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .webui.board.standalone import launch
 
-    launch(args.models_dir, host=args.host, port=args.port, open_browser=args.open, block=True)
+    launch(args.models_dir, host=args.host, port=args.port, open_browser=args.open, block=True,
+           lora_dir=getattr(args, "lora_dir", None))
     return 0
 
 

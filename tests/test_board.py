@@ -4,6 +4,7 @@ the standalone host over a folder of demo-layout checkpoints."""
 from __future__ import annotations
 
 import html
+from pathlib import Path
 import threading
 
 import pytest
@@ -367,3 +368,85 @@ def test_heatmap_rows_have_their_own_scale_from_zero(host):
     # 0.12 and 0.15 sit at 80 % and 100 % of one scale, not at its two ends
     assert rel.norm(0.12) == pytest.approx(0.8)
     assert len(fig.axes) == 4  # two rows, each with its colour bar
+
+
+def _lora_folder(host, rank=2, seed=4, name="style.safetensors"):
+    from safetensors.torch import save_file
+
+    from lib_merge.io.reader import open_checkpoint
+    from lib_merge.lora.synthetic import synthetic_lora
+
+    folder = host.models_dir / "loras"
+    folder.mkdir(exist_ok=True)
+    with open_checkpoint(host.models_dir / "sd15_base.safetensors") as reader:
+        save_file(synthetic_lora(reader.shapes(), "sd1", rank=rank, seed=seed), str(folder / name))
+    return folder / name
+
+
+def test_save_offers_fp8_and_writes_an_fp8_unet(host):
+    ui, board = build(host, standalone=True)
+    config = ui.get_config_file()
+    dtype = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "mergeboard_dtype")
+    choices = [c[0] if isinstance(c, (list, tuple)) else c for c in dtype["props"]["choices"]]
+    assert {"fp8_e4m3fn", "fp8_e5m2"} <= set(choices)
+    assert "saved" in board.on_save("eight", "fp8_e4m3fn", NO_VAE, False, *_values(board))
+    with safe_open(str(host.models_dir / "eight.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == "F8_E4M3"
+    assert all(d in ("F16", "I64") for k, d in dtypes.items() if k.startswith(("cond_stage_model.", "first_stage_model.")))
+
+
+def test_lora_picker_lists_the_lora_folder_and_save_bakes_the_list(host, tmp_path):
+    from lib_merge.cli import main
+    from tests.files import load_tensors
+
+    lora = _lora_folder(host)
+    board = Board(host)
+    assert board.lora_titles() == ["style.safetensors"]
+    assert "loras/style.safetensors" not in [c.title for c in host.checkpoints()]  # not a checkpoint
+    listing, message = board.on_lora_add("style.safetensors", 0.7, "IN04=0", "")
+    assert listing == "style.safetensors | 0.7 | IN04=0" and "Save only" in html.unescape(message)
+    message = html.unescape(board.on_save("with_lora", "fp32", NO_VAE, False, *_values(board), loras=listing))
+    assert "saved with_lora.safetensors" in message and "1 LoRA(s) baked" in message, message
+    recipe = load_recipe(host.models_dir / "with_lora.safetensors")
+    assert [(Path(x["path"]).name, x["strength"], x["weights"]) for x in recipe.loras] == [("style.safetensors", 0.7, "IN04=0")]
+    reference = tmp_path / "cli.safetensors"
+    assert main(["merge", str(host.models_dir / "sd15_base.safetensors"), str(host.models_dir / "sd15_anime.safetensors"),
+                 "--alpha", "0.5", "--lora", f"{lora}:0.7", "--lora-weights", "IN04=0", "--dtype", "fp32",
+                 "-o", str(reference), "--no-hash"]) == 0
+    got, want = load_tensors(host.models_dir / "with_lora.safetensors"), load_tensors(reference)
+    plain = load_tensors(host.models_dir / "sd15_base.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert not torch.equal(got[key], plain[key].float())
+
+
+def test_lora_list_errors_and_a_lora_as_output_lose_nothing(host):
+    _lora_folder(host)
+    board = Board(host)
+    for listing, expected in (("missing.safetensors | 1", "not in the LoRA folder"),
+                              ("style.safetensors | strong", "not a number"),
+                              ("a | 1 | b | c", "NAME | STRENGTH")):
+        message = html.unescape(board.on_save("x", "fp16", NO_VAE, False, *_values(board), loras=listing))
+        assert "error" in message and expected in message, message
+    assert not (host.models_dir / "x.safetensors").exists()
+
+
+def test_extract_lora_writes_into_the_lora_folder_only(host):
+    _lora_folder(host)
+    board = Board(host)
+    picker, message = board.on_extract("sd15_base.safetensors", "sd15_anime.safetensors", 4, "anime_r4", False)
+    message = html.unescape(message)
+    assert "extracted anime_r4.safetensors" in message, message
+    out = host.models_dir / "loras" / "anime_r4.safetensors"
+    assert out.is_file() and "anime_r4.safetensors" in picker["choices"] and picker["value"] == "anime_r4.safetensors"
+    with safe_open(str(out), "pt") as f:
+        ranks = {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")}
+        assert ranks == {4} and f.metadata()["ss_network_dim"] == "4"
+    _, again = board.on_extract("sd15_base.safetensors", "sd15_anime.safetensors", 4, "anime_r4", False)
+    assert "already exists" in html.unescape(again)
+    for name in ("../anime", "/tmp/anime", "sub/anime", ""):
+        _, bad = board.on_extract("sd15_base.safetensors", "sd15_anime.safetensors", 4, name, True)
+        assert "error" in bad, name
+    assert sorted(p.name for p in (host.models_dir / "loras").iterdir()) == ["anime_r4.safetensors", "style.safetensors"]
+    assert not list(host.models_dir.parent.glob("anime*")) and not Path("/tmp/anime.safetensors").exists()

@@ -507,3 +507,25 @@ def test_forge_xyz_alpha_axis_restores_after_the_grid(forge):
     assert "Merge alpha: 0.25" in results[0].infotexts[0] and "Merge alpha: 1" in results[1].infotexts[0]
     kmodel = forge.sd_models.model_data.sd_model.forge_objects.unet.model
     assert _bits_equal(kmodel.diffusion_model, _unet_of(forge.path("a"))) == []
+
+
+@pytest.mark.parametrize("which", ["a1111", "forge"])
+def test_lora_folder_is_the_hosts_lora_dir(which, request, tmp_path, monkeypatch):
+    """Both hosts' Lora extension reads shared.cmd_opts.lora_dir (preload.py: --lora-dir, default
+    models/Lora): the picker lists it, Extract LoRA writes there and nowhere else."""
+    env = request.getfixturevalue(which)
+    from modules import shared
+
+    board = env.board
+    default = env.models.parent / "Lora"  # models/Stable-diffusion → models/Lora when no --lora-dir
+    monkeypatch.delattr(shared.cmd_opts, "lora_dir", raising=False)
+    assert board.host.settings().lora_dir == default and board.lora_titles() == []
+    chosen = tmp_path / "my loras"
+    (chosen / "sub").mkdir(parents=True)
+    (chosen / "sub" / "old.safetensors").write_bytes(b"")  # listed by name; never opened here
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(chosen), raising=False)
+    assert board.host.settings().lora_dir == chosen and board.lora_titles() == ["sub/old.safetensors"]
+    picker, message = board.on_extract(env.title("a"), env.title("b"), 2, "a_to_b", False)
+    assert "extracted a_to_b.safetensors" in html.unescape(message), message
+    assert (chosen / "a_to_b.safetensors").is_file() and "a_to_b.safetensors" in picker["choices"]
+    assert not default.exists()

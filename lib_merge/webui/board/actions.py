@@ -99,8 +99,9 @@ class ActionHandlers(BoardBase):
             return None, _html_message(str(exc), "error")
         return heatmap(result), _html_message(f"compared {Path(a).name} with {Path(b).name}")
 
-    def on_save(self, name, dtype, vae_title, overwrite, *values, progress=None):
-        """Write the board's recipe with the streaming engine into the checkpoint folder."""
+    def on_save(self, name, dtype, vae_title, overwrite, *values, progress=None, loras: Optional[str] = None):
+        """Write the board's recipe with the streaming engine into the checkpoint folder, with the
+        LoRAs of the Save list (``LoraHandlers.lora_entries``) baked in."""
         from ...engine import merge
 
         session = self.session
@@ -118,9 +119,12 @@ class ActionHandlers(BoardBase):
                 if vae is None:
                     raise MergeError(f"VAE {vae_title!r} is not in the list any more; press Refresh")
             recipe = self.recipe(self.parse_ui(values), dtype=dtype or settings.dtype, vae=vae)
+            if loras and loras.strip():
+                recipe = recipe.replace(loras=self.lora_entries(loras))
             if path.exists() and not overwrite:
                 raise OutputPathError(f"{path.name} already exists in {folder}; tick 'Overwrite' or choose another name")
-            if any(_same_file(path, m) for m in recipe.models):
+            inputs = list(recipe.models) + ([vae] if vae else []) + [lora["path"] for lora in recipe.loras]
+            if any(_same_file(path, m) for m in inputs):
                 raise OutputPathError(f"{path.name} is an input of this merge; choose another name")
         except MergeError as exc:
             return _html_message(str(exc), "error")
@@ -159,9 +163,11 @@ class ActionHandlers(BoardBase):
             return _html_message(f"saved {result.path} but the checkpoint list did not refresh ({exc})", "warn")
         self.checkpoints(refresh=True)
         short = f" [{result.short_hash}]" if result.short_hash else ""
-        self.log(f"[Merge Board] saved {result.path}{short}: {recipe.method}, {len(recipe.models)} models, "
+        baked = f", {len(recipe.loras)} LoRA(s) baked" if recipe.loras else ""
+        self.log(f"[Merge Board] saved {result.path}{short}: {recipe.method}, {len(recipe.models)} models{baked}, "
                  f"{result.bytes_written / 2**20:.0f} MiB in {result.seconds:.1f} s")
-        return _html_message(f"saved {result.path.name}{short} in {result.seconds:.1f} s to {result.path.parent}; it is in the checkpoint list now")
+        return _html_message(f"saved {result.path.name}{short}{baked} in {result.seconds:.1f} s to {result.path.parent}; "
+                             "it is in the checkpoint list now")
 
     def on_cancel(self):
         self._cancel.set()

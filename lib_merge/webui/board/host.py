@@ -47,6 +47,7 @@ class BoardSettings:
     threads: int = 0  # 0 = engine default
     device: str = "cpu"
     cache_mb: int = 0  # 0 = keep every original of a patched key in RAM
+    lora_dir: Optional[Path] = None  # the host's LoRA folder: the picker lists it, extractions go there
 
     @property
     def output_dir(self) -> Path:
@@ -85,6 +86,8 @@ class Host(Protocol):
 
     def vaes(self) -> list[Checkpoint]: ...
 
+    def loras(self) -> list[Checkpoint]: ...  # files of settings().lora_dir, titled by relative path
+
     def loaded_checkpoint(self) -> Optional[Path]: ...
 
     def live_target(self): ...  # lib_merge.live.LiveTarget or None when no model is loaded
@@ -98,6 +101,17 @@ class Host(Protocol):
     def after_save(self, path: Path) -> None: ...
 
     def run_preview(self, request: PreviewRequest, session: "LiveSession") -> PreviewResult: ...
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # what A1111/Forge's Lora extension lists
+
+
+def scan_loras(folder: Optional[Path]) -> list[Checkpoint]:
+    """Every LoRA file under ``folder`` (subfolders included), titled by its path relative to it."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [Checkpoint(p.relative_to(folder).as_posix(), p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.suffix.lower() in LORA_SUFFIXES]
 
 
 # -- output names -----------------------------------------------------------------------------------

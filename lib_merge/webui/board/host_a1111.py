@@ -25,7 +25,7 @@ from .a1111_text import (
     refresh_empty_prompt,
     text_encoder_root,
 )
-from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, recipe_infotext
+from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, recipe_infotext, scan_loras
 
 UNET_PREFIX = "model.diffusion_model."
 SECTION = ("mergeboard", "Merge Board")
@@ -211,6 +211,17 @@ class A1111Host:
         ckpt_dir = getattr(shared.cmd_opts, "ckpt_dir", None)
         return Path(ckpt_dir) if ckpt_dir else Path(sd_models.model_path)
 
+    def lora_dir(self) -> Path:
+        """The Lora extension's folder: ``--lora-dir``, by default models/Lora (A1111 and Forge
+        preload.py), i.e. beside the checkpoint folder models/Stable-diffusion."""
+        from modules import sd_models, shared
+
+        lora_dir = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(lora_dir) if lora_dir else Path(sd_models.model_path).parent / "Lora"
+
+    def loras(self) -> list[Checkpoint]:
+        return scan_loras(self.lora_dir())
+
     def settings(self) -> BoardSettings:
         from modules import shared
 
@@ -229,6 +240,7 @@ class A1111Host:
             checkpoint_dir=self.checkpoint_dir(), output_subdir=str(get("mergeboard_output_dir") or ""),
             dtype=str(get("mergeboard_dtype") or "fp16"), threads=as_int(get("mergeboard_threads")),
             device=str(get("mergeboard_device") or "cpu"), cache_mb=as_int(get("mergeboard_cache_mb")),
+            lora_dir=self.lora_dir(),
         )
 
     def notes(self) -> list[str]:
@@ -288,7 +300,7 @@ def add_settings(options: Optional[dict] = None) -> None:
     from modules import shared
 
     widgets = {
-        "mergeboard_dtype": (gr.Dropdown, {"choices": ["fp16", "bf16", "fp32"]}),
+        "mergeboard_dtype": (gr.Dropdown, {"choices": ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]}),
         "mergeboard_threads": (gr.Slider, {"minimum": 0, "maximum": 16, "step": 1}),
         "mergeboard_device": (gr.Dropdown, {"choices": ["cpu"]}),
         "mergeboard_cache_mb": (gr.Number, {"precision": 0}),

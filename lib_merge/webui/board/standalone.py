@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult
+from .host import BoardSettings, Checkpoint, PreviewRequest, PreviewResult, scan_loras
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
 
@@ -16,17 +16,23 @@ class StandaloneHost:
     name = "standalone"
     has_sampler = False
 
-    def __init__(self, models_dir: Path, *, dtype: str = "fp16", threads: int = 0):
+    def __init__(self, models_dir: Path, *, dtype: str = "fp16", threads: int = 0, lora_dir: Optional[Path] = None):
         self.models_dir = Path(models_dir)
-        self._settings = BoardSettings(checkpoint_dir=self.models_dir, dtype=dtype, threads=threads)
+        # LoRAs: --lora-dir, else the loras/ subfolder of the models folder (left out of the checkpoints)
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else self.models_dir / "loras"
+        self._settings = BoardSettings(checkpoint_dir=self.models_dir, dtype=dtype, threads=threads,
+                                       lora_dir=self.lora_dir)
         self._lock = threading.Lock()
 
     def _scan(self, vae: bool) -> list[Checkpoint]:
         found = []
         if not self.models_dir.is_dir():
             return found
+        loras = self.lora_dir.resolve()
         for path in sorted(self.models_dir.rglob("*")):
             if not path.is_file() or path.suffix.lower() not in MODEL_SUFFIXES:
+                continue
+            if loras in path.resolve().parents:
                 continue
             rel = path.relative_to(self.models_dir)
             is_vae = ".vae." in path.name.lower() or (rel.parts and rel.parts[0].lower() == "vae")
@@ -39,6 +45,9 @@ class StandaloneHost:
 
     def vaes(self) -> list[Checkpoint]:
         return self._scan(vae=True)
+
+    def loras(self) -> list[Checkpoint]:
+        return scan_loras(self.lora_dir)
 
     def loaded_checkpoint(self) -> Optional[Path]:
         return None
@@ -65,7 +74,7 @@ class StandaloneHost:
 
 
 def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: int = 7870,
-           open_browser: bool = False, block: bool = True):
+           open_browser: bool = False, block: bool = True, lora_dir: Optional[Path] = None):
     """Build the board over ``models_dir`` (default: the demo folder, filled on first use) and serve it."""
     from ...demo import ensure_demo_models
     from . import ui as board_mod
@@ -78,7 +87,7 @@ def launch(models_dir: Optional[Path] = None, *, host: str = "127.0.0.1", port: 
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         raise SystemExit(f"error: models folder {models_dir} does not exist")
-    standalone = StandaloneHost(models_dir)
+    standalone = StandaloneHost(models_dir, lora_dir=lora_dir)
     css, js = read_asset("style.css"), read_asset("javascript/merge_board.js")
     demo, board = board_mod.build(standalone, standalone=True)
     demo.css = css  # read by gradio at launch on both 3.41 and 4.x

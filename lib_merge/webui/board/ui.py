@@ -5,7 +5,8 @@ the method registry, 26 (SD1/SD2) or 20 (SDXL) block sliders, presets, a weight 
 sync with the sliders (instantly in ``javascript/merge_board.js``, and server-side on slider
 release / string submit so it works without JS), a block-weight curve, an A-vs-B difference
 heatmap, the live-preview switch and a Preview button (hosts with a sampler), Save with progress
-and cancel, and "load recipe" from any merged file.
+and cancel (fp8 dtypes, LoRAs from the host's LoRA folder baked in), Extract LoRA (B − A into the
+LoRA folder), and "load recipe" from any merged file.
 
 The handlers are plain methods of ``Board`` (testable without a browser); ``build()`` only lays
 out components and wires events. Only ``gr.update`` is used, ``_js``/``js`` are chosen by the
@@ -28,16 +29,17 @@ from .gradio_compat import _gr, _html_message, _js_kwargs
 from .sync import CUSTOM, WEIGHT_MAX, WEIGHT_MIN, SyncHandlers
 from .host import Host
 from .live_session import LiveSession
+from .loras import SAVE_ONLY, LoraHandlers
 
 ELEM = "mergeboard"
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")  # fp8: the U-Net; text encoders and VAE fp16
 ALPHA_NOTE = (
     "**α is B's share**: 0 keeps model A, 1 gives model B (per block with the sliders). "
     "Block weights follow the supermerger layout: BASE = text encoders and VAE, IN/M/OUT = U-Net blocks."
 )
 
 
-class Board(SyncHandlers, ActionHandlers):
+class Board(SyncHandlers, ActionHandlers, LoraHandlers):
     """State-free handlers of the board (the live state is the ``LiveSession``)."""
 
 
@@ -148,10 +150,27 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                     save_vae = gr.Dropdown(choices=[NO_VAE] + [v.title for v in host.vaes()], value=NO_VAE, label="Bake VAE",
                                            elem_id=f"{ELEM}_vae")
                     overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{ELEM}_overwrite")
+                gr.Markdown(f"*LoRAs from {settings.lora_dir or 'the LoRA folder'}. {SAVE_ONLY}*", elem_id=f"{ELEM}_lora_note")
+                with gr.Row():
+                    lora_pick = gr.Dropdown(choices=board.lora_titles(), value=None, label="LoRA", elem_id=f"{ELEM}_lora")
+                    lora_strength = gr.Number(value=1.0, label="Strength", elem_id=f"{ELEM}_lora_strength")
+                    lora_weights = gr.Textbox(label="Block weights (lbw:INS, 17/12 LBW values, or IN04=0; empty = all 1)",
+                                              lines=1, elem_id=f"{ELEM}_lora_weights")
+                    lora_add = gr.Button("Add LoRA", elem_id=f"{ELEM}_lora_add", scale=0, min_width=100)
+                lora_list = gr.Textbox(label="LoRAs baked on Save (one per line: NAME | STRENGTH | BLOCK WEIGHTS)", lines=2,
+                                       elem_id=f"{ELEM}_lora_list")
                 with gr.Row():
                     save_btn = gr.Button("Save", variant="primary", elem_id=f"{ELEM}_save")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}_cancel")
                 save_result = gr.HTML(elem_id=f"{ELEM}_save_result")
+            with gr.Accordion("Extract LoRA (B − A)", open=False, elem_id=f"{ELEM}_extract_box"):
+                with gr.Row():
+                    extract_name = gr.Textbox(label=f"LoRA file name (saved in {settings.lora_dir})", lines=1,
+                                              elem_id=f"{ELEM}_extract_name")
+                    extract_rank = gr.Number(value=64, precision=0, label="Rank", elem_id=f"{ELEM}_extract_rank")
+                    extract_overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{ELEM}_extract_overwrite")
+                    extract_btn = gr.Button("Extract LoRA", elem_id=f"{ELEM}_extract")
+                extract_result = gr.HTML(elem_id=f"{ELEM}_extract_result")
             with gr.Accordion("Load a recipe from a merged file", open=False, elem_id=f"{ELEM}_recipe_box"):
                 with gr.Row():
                     recipe_src = gr.Dropdown(choices=a_choices, value=None, label="Merged model", elem_id=f"{ELEM}_recipe_src")
@@ -169,12 +188,17 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
         # switch) or on another control: the hosts' ui-config.json must not store them and put a
         # stale one back over the page at the next start (modules/ui_loadsave.py reads this flag).
         for component in (pickers + [method_dd, alpha, beta, preset, weights, live, p_width, p_height, save_vae,
-                                     recipe_src, overwrite] + param_controls + ordered_sliders):
+                                     recipe_src, overwrite, lora_pick, lora_list, extract_overwrite]
+                          + param_controls + ordered_sliders):
             component.do_not_save_to_config = True
 
         ui.load(board.on_page_load, [pickers[0]] + others,
                 list_outputs + [live, status], show_progress="hidden")
         refresh.click(board.on_refresh, [pickers[0]] + others, list_outputs, show_progress="hidden")
+        for event in (ui.load, refresh.click):
+            event(board.on_lora_refresh, [lora_pick], [lora_pick], show_progress="hidden")
+        lora_add.click(board.on_lora_add, [lora_pick, lora_strength, lora_weights, lora_list], [lora_list, save_result],
+                       show_progress="hidden")
         def model_a_fn(a_title, text, alpha_value, width, height, *other_titles):
             return board.on_model_a(a_title, text, alpha_value, *other_titles) + board.preview_size(a_title, width, height)
 
@@ -203,10 +227,17 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
 
         compare.click(compare_fn, [pickers[0], pickers[1]], [diff_plot, status])
 
-        def save_fn(name, dtype, vae, over, *vals, progress=gr.Progress()):
-            return board.on_save(name, dtype, vae, over, *vals, progress=progress)
+        def save_fn(name, dtype, vae, over, loras, *vals, progress=gr.Progress()):
+            return board.on_save(name, dtype, vae, over, *vals, progress=progress, loras=loras)
 
-        save_event = save_btn.click(save_fn, [save_name, save_dtype, save_vae, overwrite] + recipe_inputs, [save_result])
+        save_event = save_btn.click(save_fn, [save_name, save_dtype, save_vae, overwrite, lora_list] + recipe_inputs,
+                                    [save_result])
+
+        def extract_fn(a, b, rank, name, over, progress=gr.Progress()):
+            return board.on_extract(a, b, rank, name, over, progress)
+
+        extract_btn.click(extract_fn, [pickers[0], pickers[1], extract_rank, extract_name, extract_overwrite],
+                          [lora_pick, extract_result])
         save_event.then(board.on_refresh, [pickers[0]] + others, list_outputs, show_progress="hidden")
         save_event.then(None, None, None, **_js_kwargs("() => { if (window.mergeboardAfterSave) mergeboardAfterSave(); }"))
         cancel_btn.click(board.on_cancel, None, [save_result], queue=False)
@@ -218,7 +249,9 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
         image=p_image, infotext=p_info, save_name=save_name, save_dtype=save_dtype, save_vae=save_vae,
         overwrite=overwrite, save=save_btn, cancel=cancel_btn, save_result=save_result, recipe_src=recipe_src,
         load=load_btn, status=status, refresh=refresh, compare=compare, arch=arch_html, weights_msg=weights_msg,
-        recipe_msg=recipe_msg, width=p_width, height=p_height,
+        recipe_msg=recipe_msg, width=p_width, height=p_height, lora=lora_pick, lora_strength=lora_strength,
+        lora_weights=lora_weights, lora_add=lora_add, lora_list=lora_list, extract=extract_btn, extract_name=extract_name,
+        extract_rank=extract_rank, extract_overwrite=extract_overwrite, extract_result=extract_result,
     )
     return ui, board
 
