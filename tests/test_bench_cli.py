@@ -59,3 +59,46 @@ def test_lora_benchmark_runs_end_to_end_on_small_files(tmp_path):
     full, randomized = (float(v) for v in re.search(r"full ([0-9.]+), randomized ([0-9.]+)", out).groups())
     assert 0 < full < 1 and full <= randomized * (1 + 1e-6) and randomized <= 1.05 * full
     assert not (tmp_path / "scratch").exists()
+
+
+def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
+    """`bench merge` on files with widths ÷ 32, from another folder, a 2-input, a 3-input and a
+    task-vector method: one table with both floors for each input count and a row per method,
+    every ratio consistent with the seconds, sd-mecha's column filled or saying why not, the
+    scratch folder removed; an unknown method is one error line before any file is made."""
+    args = build_parser().parse_args(bench_argv(["bench", "merge", "--methods", "a,b", "--scale", "32"]))
+    assert (args.bench, args.methods, args.scale) == ("merge", "a,b", 32)
+    cmd = [sys.executable, "-m", "lib_merge", "bench", "merge", "--scale", "32", "--skip-baseline", "--dir", "scratch"]
+    proc = subprocess.run([*cmd, "--methods", "weighted_sum,add_difference,ties"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "load average" in out and "targets: weighted_sum ≤ 1.3 × durable floor" in out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"(\S.*?)\s{2,}([23])\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]*)\s*([0-9.]+) GB(.*)", line)
+        if m:
+            rows[m.group(1)] = (int(m.group(2)), *(float(v) if v else None for v in m.groups()[2:6]), m.group(8))
+    for n in (2, 3):
+        durable = rows[f"durable floor: read {n} + write 1 + fsync"]
+        cache = rows[f"page-cache floor: read {n} + write 1"]
+        assert durable[2] == 1.0 and cache[3] == 1.0
+    plain = rows["weighted_sum"]
+    assert plain[0] == 2 and plain[4] == 1.0
+    for method, n in (("add_difference", 3), ("ties", 3), ("weighted_sum, no fsync", 2)):
+        inputs, seconds, x_durable, x_cache, x_plain, mecha = rows[method]
+        assert inputs == n and seconds > 0
+        floor = rows[f"durable floor: read {n} + write 1 + fsync"][1]
+        assert x_durable == pytest.approx(seconds / floor, rel=0.05, abs=0.02)
+        assert x_plain == pytest.approx(seconds / plain[1], rel=0.05, abs=0.02)
+    try:
+        import sd_mecha  # noqa: F401
+        assert "ours ÷ sd-mecha" in rows["add_difference"][5] and "no counterpart" in rows["ties"][5]
+    except ImportError:
+        assert rows["weighted_sum"][5].strip() == rows["ties"][5].strip() == "not installed"
+    assert not (tmp_path / "scratch").exists()
+
+    bad = subprocess.run([*cmd, "--methods", "weighted_sum,wieghted"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: unknown merge method 'wieghted'")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "scratch").exists()

@@ -33,6 +33,11 @@ def bench_parsers(sub) -> None:
 
     merge = kinds.add_parser("merge", help=KINDS["merge"])
     merge.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    merge.add_argument("--methods", default="weighted_sum", metavar="M[,M…]",
+                       help="methods to time, e.g. weighted_sum,add_difference,slerp,ties,dare,della,"
+                            "geometric_median,train_difference (default weighted_sum)")
+    merge.add_argument("--scale", type=int, default=1, metavar="N",
+                       help="divide the layer widths by N (a quick run on small files; default 1 = full size)")
     merge.add_argument("--skip-baseline", action="store_true", help="skip the whole-model load_file baseline")
 
     many = kinds.add_parser("many", help=KINDS["many"])

@@ -1,12 +1,17 @@
-"""``python -m lib_merge bench merge``: merge throughput against the machine's I/O floor, and peak RSS.
+"""``python -m lib_merge bench merge``: each merge method against the machine's I/O floors, and peak RSS.
 
-Two synthetic fp16 checkpoints with the full-size key names and shapes are written, then each
-contender runs in its own subprocess (so its peak RSS is its own, read from ``wait4``):
-  (a) I/O floor — read both inputs once, write one output of the same size, fsync;
-  (b) lib_merge weighted_sum (streaming engine, hashing off; hashing is timed separately);
-  (c) whole-model baseline — safetensors ``load_file`` both, compute, ``save_file``;
-  (d) sd-mecha ``weighted_sum`` when the package is installed (benchmark-only extra).
-All runs see a warm page cache (the inputs were just written and are read once before timing).
+Synthetic fp16 checkpoints with the full-size key names and shapes are written (``--scale N``
+divides the widths, for a quick run), then each contender runs in its own interpreter (so its
+peak RSS is its own, read from ``wait4``), on a warm page cache:
+  * durable floor — read the method's inputs once, write one output of the same size, fsync;
+  * page-cache floor — the same without the fsync;
+  * lib_merge, each method of ``--methods`` as the CLI runs it (fsync, output sha256);
+  * the whole-model baseline — safetensors ``load_file`` both, compute, ``save_file`` (weighted_sum);
+  * sd-mecha for the methods it has, when it is installed (a benchmark-only extra).
+Two-input methods read A B; add_difference, train_difference and the task-vector methods (base
+A, task models B C) read three, and are held against the floors of three inputs.
+Seconds are the work inside each interpreter (the merge call, or the floor's reads and writes),
+not its start-up.
 """
 from __future__ import annotations
 
@@ -21,63 +26,128 @@ from pathlib import Path
 from . import PACKAGE_PARENT
 
 ALPHA = 0.5
+DEFAULT_METHODS = "weighted_sum"
+# sd-mecha's counterpart of each method, where it has one with the same meaning
+_MECHA = {"weighted_sum", "slerp", "add_difference"}
 
 
 def run_bench(args) -> int:
+    from ..errors import BadParameterError
     from ..synthetic import write_synthetic_checkpoint
 
+    methods = _parse_methods(args.methods or DEFAULT_METHODS)
+    scale = getattr(args, "scale", 1) or 1
+    if scale < 1:
+        raise BadParameterError(f"--scale {scale}: use 1 (full size) or more")
     folder = Path(args.dir).resolve()  # the workers start in another folder
     folder.mkdir(parents=True, exist_ok=True)
-    a, b = folder / f"bench_{args.arch}_a.safetensors", folder / f"bench_{args.arch}_b.safetensors"
+    tag = f"{args.arch}" + (f"_s{scale}" if scale > 1 else "")
+    inputs = [folder / f"bench_{tag}_{name}.safetensors" for name in "abc"[:max(n for n in methods.values())]]
     t0 = time.perf_counter()
-    for index, path in enumerate((a, b)):
+    for index, path in enumerate(inputs):
         if not path.exists():
-            write_synthetic_checkpoint(path, args.arch, model=index, family=7)
-    size = a.stat().st_size
-    print(f"inputs: 2 × {size / 2**30:.2f} GiB fp16 {args.arch} (made in {time.perf_counter() - t0:.1f} s), "
-          f"{os.cpu_count()} CPU cores")
-    _worker("warm", a, b, folder / "unused")  # bring both inputs into the page cache
+            write_synthetic_checkpoint(path, args.arch, model=index, family=7, width_divisor=scale)
+    size = inputs[0].stat().st_size
+    print(f"inputs: {len(inputs)} × {size / 2**30:.2f} GiB fp16 {args.arch}"
+          f"{f' (widths ÷ {scale})' if scale > 1 else ''} (made in {time.perf_counter() - t0:.1f} s), "
+          f"{os.cpu_count()} CPU cores, load average {_loadavg()}")
+    _run("warm", inputs[0], inputs[1], folder / "unused", *map(str, inputs[2:]))
 
-    rows: list[tuple[str, dict]] = []
-    floor = _run("floor", a, b, folder / "floor_out.bin")
-    rows.append(("(a) I/O floor: read 2 + write 1 + fsync", floor))
     threads = str(args.threads or 0)
-    ours = _run("ours", a, b, folder / "ours.safetensors", threads, "durable")
-    rows.append(("(b) lib_merge weighted_sum (fsync, as the CLI)", ours))
+    floors: dict[int, tuple[dict, dict]] = {}
+    for n in sorted(set(methods.values())):
+        extra = [str(p) for p in inputs[2:n]]
+        floors[n] = (_run("floor", inputs[0], inputs[1], folder / "floor_out.bin", *extra),
+                     _run("floor-cache", inputs[0], inputs[1], folder / "floor_out.bin", *extra))
+    mecha = _mecha_available()
+    plain = _ours(inputs, folder, threads, "weighted_sum", 2, "durable")
+    rows = []
+    for method, n in methods.items():
+        ours = plain if method == "weighted_sum" else _ours(inputs, folder, threads, method, n, "durable")
+        theirs = None
+        if mecha is None and method in _MECHA:
+            theirs = _run("mecha", inputs[0], inputs[1], folder / "mecha.safetensors", method, *map(str, inputs[2:n]))
+        rows.append((method, n, ours, theirs, mecha or ("no counterpart" if theirs is None else "")))
+    rows.append(("weighted_sum, no fsync", 2, _ours(inputs, folder, threads, "weighted_sum", 2, "cache"), None, ""))
     if not args.skip_baseline:
-        rows.append(("(c) load_file + save_file baseline", _run("baseline", a, b, folder / "baseline.safetensors")))
-    try:
-        import sd_mecha  # noqa: F401
+        rows.append(("load_file + save_file (weighted_sum)", 2,
+                     _run("baseline", inputs[0], inputs[1], folder / "baseline.safetensors"), None, ""))
 
-        rows.append(("(d) sd-mecha weighted_sum", _run("mecha", a, b, folder / "mecha.safetensors")))
-    except ImportError:
-        rows.append(("(d) sd-mecha weighted_sum", {"skipped": "sd-mecha not installed (pip install sd-mecha)"}))
-
-    cache_floor = _run("floor-cache", a, b, folder / "floor_out.bin")
-    rows.append(("(a') page-cache floor: read 2 + write 1", cache_floor))
-    ours_cache = _run("ours", a, b, folder / "ours.safetensors", threads, "cache")
-    rows.append(("(b') lib_merge without fsync", ours_cache))
-
-    base = floor["seconds"]
-    print(f"{'contender':<44} {'wall s':>8} {'× floor':>8} {'peak RSS':>10}")
-    for label, r in rows:
-        if "skipped" in r:
-            print(f"{label:<44} skipped: {r['skipped']}")
-            continue
-        print(f"{label:<44} {r['seconds']:>8.2f} {r['seconds'] / base:>8.2f} {r['rss'] / 2**30:>8.2f} GB")
-    if "hash_seconds" in ours and args.arch:
-        print(f"sha256 of the {size / 2**30:.2f} GiB output (printed by the CLI; cached for inputs): "
-              f"{ours['hash_seconds']:.2f} s")
-    ratio = ours["seconds"] / base
-    print(f"without fsync: b'/a' = {ours_cache['seconds'] / cache_floor['seconds']:.2f} "
-          "(the merge's own cost when the disk is not the limit)")
-    print(f"targets: b/a ≤ 1.3 → {ratio:.2f} {'OK' if ratio <= 1.3 else 'MISSED'}; "
-          f"peak RSS (b) ≤ 1.5 GB → {ours['rss'] / 2**30:.2f} GB {'OK' if ours['rss'] <= 1.5 * 2**30 else 'MISSED'}")
+    print(_table(rows, floors, plain))
+    ratio = plain["seconds"] / floors[2][0]["seconds"]
+    print(f"targets: weighted_sum ≤ 1.3 × durable floor → {ratio:.2f} {'OK' if ratio <= 1.3 else 'MISSED'}; "
+          f"peak RSS ≤ 1.5 GB → {plain['rss'] / 2**30:.2f} GB {'OK' if plain['rss'] <= 1.5 * 2**30 else 'MISSED'}; "
+          f"load average now {_loadavg()}")
     for name in ("floor_out.bin", "ours.safetensors", "baseline.safetensors", "mecha.safetensors"):
         (folder / name).unlink(missing_ok=True)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _parse_methods(text: str) -> dict[str, int]:
+    """``{method: number of inputs}`` in the order given; unknown names are one clear error."""
+    from ..errors import BadParameterError
+    from ..methods import get_method
+
+    methods: dict[str, int] = {}
+    for name in (part.strip() for part in text.split(",")):
+        if not name:
+            continue
+        spec = get_method(name)  # UnknownMethodError names the close matches
+        if spec.min_models > 3:
+            raise BadParameterError(f"--methods {name}: takes {spec.min_models} models; the benchmark has 3")
+        # task-vector methods get a base and two task models, so their voting has something to do
+        methods[name] = 3 if spec.variadic else max(2, spec.min_models)
+    if not methods:
+        raise BadParameterError("--methods: give at least one method, e.g. weighted_sum,add_difference")
+    return methods
+
+
+def _ours(inputs: list[Path], folder: Path, threads: str, method: str, n: int, mode: str) -> dict:
+    return _run("ours", inputs[0], inputs[1], folder / "ours.safetensors", threads, mode, method,
+                *map(str, inputs[2:n]))
+
+
+def _mecha_available() -> str | None:
+    """None when sd-mecha can be imported by a worker, else why not (the table says so)."""
+    probe = subprocess.run([sys.executable, "-c", "import sd_mecha"], cwd=PACKAGE_PARENT,
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return "not installed" if "No module named 'sd_mecha'" in probe.stderr else \
+        f"not importable ({lines[-1] if lines else 'unknown error'})"
+
+
+def _table(rows, floors, plain) -> str:
+    head = (f"{'contender':<40} {'in':>2} {'seconds':>8} {'×durable':>8} {'×cache':>7} {'×plain':>7} "
+            f"{'peak RSS':>9}  sd-mecha")
+    lines = [head, "-" * len(head)]
+    for n, (durable, cache) in sorted(floors.items()):
+        for label, r in ((f"durable floor: read {n} + write 1 + fsync", durable),
+                         (f"page-cache floor: read {n} + write 1", cache)):
+            lines.append(f"{label:<40} {n:>2} {r['seconds']:>8.2f} {r['seconds'] / durable['seconds']:>8.2f} "
+                         f"{r['seconds'] / cache['seconds']:>7.2f} {'':>7} {_gb(r['rss']):>9}")
+    for label, n, ours, theirs, why_not in rows:
+        durable, cache = floors[n]
+        s = ours["seconds"]
+        other = why_not if theirs is None else \
+            f"{theirs['seconds']:.2f} s, {_gb(theirs['rss'])}; ours ÷ sd-mecha {s / theirs['seconds']:.2f}"
+        lines.append(f"{label:<40} {n:>2} {s:>8.2f} {s / durable['seconds']:>8.2f} {s / cache['seconds']:>7.2f} "
+                     f"{s / plain['seconds']:>7.2f} {_gb(ours['rss']):>9}  {other}")
+    return "\n".join(lines)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GB"
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def _run(kind: str, a: Path, b: Path, out: Path, *extra: str, module: str = "lib_merge.bench.merge") -> dict:
@@ -105,15 +175,24 @@ def _run(kind: str, a: Path, b: Path, out: Path, *extra: str, module: str = "lib
 
 
 def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
+    """``warm``/``floor``/``floor-cache``: ``extra`` are more inputs; ``ours``: threads, durable
+    or cache, the method, more inputs; ``mecha``: the method, more inputs."""
+    if kind == "ours":  # imports are start-up, not merge time
+        from ..engine import merge
+        from ..recipe import Recipe
+    elif kind == "baseline":
+        from safetensors.torch import load_file, save_file
+    elif kind == "mecha":
+        import sd_mecha
+        import torch
     started = time.perf_counter()
     result: dict = {}
     if kind in ("warm", "floor", "floor-cache"):
         buf = bytearray(16 * 1024 * 1024)
-        total = 0
-        for path in (a, b):
+        for path in (a, b, *map(Path, extra)):
             with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    total += n
+                while f.readinto(buf):
+                    pass
         if kind in ("floor", "floor-cache"):
             target = a.stat().st_size
             with open(out, "wb", buffering=0) as f:
@@ -123,23 +202,11 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
                 if kind == "floor":
                     os.fsync(f.fileno())
     elif kind == "ours":
-        from ..engine import merge
-        from ..recipe import Recipe
-
-        threads = int(extra[0]) or None
-        merged = merge(Recipe("weighted_sum", (str(a), str(b)), alpha=ALPHA), out, threads=threads,
-                       hash_inputs=False, hash_output=False, durable=extra[1] == "durable", overwrite=True)
-        result["bytes_read"] = merged.bytes_read
-        result["seconds"] = time.perf_counter() - started
-        from ..io.hashing import sha256_file
-
-        t = time.perf_counter()
-        sha256_file(out, use_cache=False)
-        result["hash_seconds"] = time.perf_counter() - t
-        return result
+        threads, mode, method, *more = extra
+        merged = merge(Recipe(method, (str(a), str(b), *more), alpha=ALPHA if method in _MECHA else None), out,
+                       threads=int(threads) or None, hash_inputs=False, durable=mode == "durable", overwrite=True)
+        result["sha256"] = merged.sha256
     elif kind == "baseline":
-        from safetensors.torch import load_file, save_file
-
         sa, sb = load_file(str(a)), load_file(str(b))
         merged = {}
         for key, ta in sa.items():
@@ -148,12 +215,15 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
             else:
                 merged[key] = ta
         save_file(merged, str(out))
-        _fsync(out)  # same durability as (a) and (b)
+        _fsync(out)  # same durability as the floor and ours
     elif kind == "mecha":
-        import sd_mecha
-
-        recipe = sd_mecha.weighted_sum(sd_mecha.model(str(a)), sd_mecha.model(str(b)), alpha=ALPHA)
-        sd_mecha.merge(recipe, output=str(out), output_dtype=__import__("torch").float16)
+        method, *more = extra
+        ma, mb = sd_mecha.model(str(a)), sd_mecha.model(str(b))
+        if method == "add_difference":
+            recipe = sd_mecha.add_difference(ma, sd_mecha.subtract(mb, sd_mecha.model(more[0])), alpha=ALPHA)
+        else:
+            recipe = getattr(sd_mecha, method)(ma, mb, alpha=ALPHA)
+        sd_mecha.merge(recipe, output=str(out), output_dtype=torch.float16)
         _fsync(out)
     result["seconds"] = time.perf_counter() - started
     return result
