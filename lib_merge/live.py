@@ -798,8 +798,9 @@ def replan(plan: MergePlan, recipe: Recipe) -> MergePlan:
             jobs.append(job)
             continue
         key_params, identity, sources = per_block[job.block]
-        jobs.append(KeyJob(job.key, job.action, job.block, job.shape, job.out_dtype, dict(key_params), sources,
-                           identity, job.common_channels))
+        # job.params' other entries are the planner's whole-model values (cosine's sims_range): kept
+        jobs.append(KeyJob(job.key, job.action, job.block, job.shape, job.out_dtype, dict(job.params, **key_params),
+                           sources, identity, job.common_channels))
     return MergePlan(recipe, plan.method, plan.inputs, plan.info, jobs, list(plan.warnings), block_values)
 
 

@@ -207,6 +207,14 @@ def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]
             if is_prediction_marker(key):
                 jobs.append(KeyJob(key, "copy", "BASE", info.shape, info.torch_dtype, {}, (marker_source,)))
 
+    prepass = getattr(method.fn, "prepass", None)
+    if prepass is not None and not lora_only:
+        # a whole-model pass (supermerger's cosine: one similarity range for every key), run once
+        # here so the engine and the live merge see the same values in every merged key's params
+        shared = prepass(MergePlan(recipe, method, list(inputs), infos[0], jobs))
+        for job in jobs:
+            if job.action == "merge":
+                job.params.update(shared)
     return MergePlan(recipe, method, list(inputs), infos[0], jobs, warnings, block_values, prediction)
 
 

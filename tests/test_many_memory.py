@@ -217,8 +217,10 @@ def test_every_method_stays_within_the_bound_the_plan_prints():
             readers = [TensorDictReader(f"m{i}", {"k": t}) for i, t in enumerate(tensors[:count])]
             recipe = types.SimpleNamespace(seed=1, models=tuple(f"m{i}" for i in range(count)))
             plan = types.SimpleNamespace(recipe=recipe, method=spec, inputs=readers)
-            job = KeyJob("k", "merge", "BASE", (tensors[0].numel(),), torch.float16,
-                         spec.resolve_params({}), tuple(range(count)))
+            params = spec.resolve_params({})
+            if hasattr(spec.fn, "prepass"):  # the planner's whole-model values (cosine: a similarity range)
+                params["sims_range"] = (0.5, 1.0)
+            job = KeyJob("k", "merge", "BASE", (tensors[0].numel(),), torch.float16, params, tuple(range(count)))
             return plan, job
         for spec in all_methods():
             count = max(spec.min_models, 3) if spec.max_models is None else spec.min_models

@@ -1,0 +1,90 @@
+"""supermerger's cosineA/cosineB: the planner's whole-model similarity pass and the per-key merge
+against a re-derivation of supermerger's loop (numpy percentiles and deletes, nn.CosineSimilarity)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib_merge.cli import main
+from lib_merge.live import replan
+from lib_merge.plan import open_inputs, plan_merge
+from lib_merge.recipe import Recipe
+from tests.files import load_tensors
+
+
+def _reference(a_sd, b_sd, alpha, favour_a):
+    """supermerger's precosine + cosine (use-lerp form) written out for fp32 tensors."""
+    sim = torch.nn.CosineSimilarity(dim=0)
+    sims = np.array([], dtype=np.float64)
+    for key in a_sd:
+        if "first_stage_model" in key or "model" not in key or key not in b_sd or a_sd[key].dim() == 0:
+            continue
+        x, y = a_sd[key].to(torch.float32), b_sd[key].to(torch.float32)
+        if favour_a:
+            s = sim(torch.nn.functional.normalize(x, p=2, dim=0), torch.nn.functional.normalize(y, p=2, dim=0))
+        else:
+            s = (sim(x, y) + torch.dot(x.view(-1), y.view(-1)) / (torch.norm(x) * torch.norm(y))) / 2.0
+        sims = np.append(sims, s.numpy())
+    sims = sims[~np.isnan(sims)]
+    sims = np.delete(sims, np.where(sims < np.percentile(sims, 1, method="midpoint")))
+    sims = np.delete(sims, np.where(sims > np.percentile(sims, 99, method="midpoint")))
+    out = {}
+    for key, value in a_sd.items():
+        x, y = value.to(torch.float32), b_sd[key].to(torch.float32)
+        if not value.is_floating_point():
+            out[key] = value  # copied from A by both
+            continue
+        if "first_stage_model" in key:
+            out[key] = x
+            continue
+        if favour_a:
+            xn, yn = torch.nn.functional.normalize(x, p=2, dim=0), torch.nn.functional.normalize(y, p=2, dim=0)
+        else:
+            xn, yn = x, y
+        combined = (sim(xn, yn) + torch.dot(xn.view(-1), yn.view(-1)) / (torch.norm(xn) * torch.norm(yn))) / 2.0
+        k = (combined - float(sims.min())) / (float(sims.max()) - float(sims.min()))
+        k = (k - (abs(alpha) if favour_a else alpha)).clip(min=0, max=1.0)
+        out[key] = torch.lerp(y, x, k)
+    return out
+
+
+@pytest.mark.parametrize("method, favour_a, alpha", [("cosine_a", True, -0.2), ("cosine_b", False, 0.3)])
+def test_cosine_matches_supermergers_loop(models, out_dir, method, favour_a, alpha):
+    out = out_dir / f"{method}.safetensors"
+    assert main(["merge", str(models.sd1_a), str(models.sd1_b), "--method", method, "--alpha", str(alpha),
+                 "--dtype", "fp32", "-o", str(out), "--no-hash"]) == 0
+    a, b, got = load_tensors(models.sd1_a), load_tensors(models.sd1_b), load_tensors(out)
+    want = _reference(a, b, alpha, favour_a)
+    mixed = 0
+    for key, value in want.items():
+        if not value.is_floating_point():
+            continue
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        mixed += not torch.equal(got[key], a[key].float())
+    assert mixed > len(want) // 2  # most keys really take part of B
+    vae = next(k for k in want if k.startswith("first_stage_model."))
+    assert torch.equal(got[vae], a[vae].float())
+
+
+def test_the_range_survives_the_live_replan(models):
+    inputs = open_inputs([str(models.sd1_a), str(models.sd1_b)])
+    try:
+        plan = plan_merge(Recipe("cosine_b", (str(models.sd1_a), str(models.sd1_b)), alpha=0.1), inputs)
+        ranges = {job.params["sims_range"] for job in plan.jobs if job.action == "merge"}
+        assert len(ranges) == 1 and ranges.pop()[0] < 1
+        moved = replan(plan, plan.recipe.replace(alpha=0.6, weights="IN04=0.9"))
+        assert all(j.params["sims_range"] == plan.jobs[i].params["sims_range"]
+                   for i, j in enumerate(moved.jobs) if j.action == "merge")
+        assert {j.params["alpha"] for j in moved.jobs if j.action == "merge"} == {0.6, 0.9}
+    finally:
+        for reader in inputs:
+            reader.close()
+
+
+def test_cosine_with_a_virtual_b_is_one_error(models, out_dir, capsys):
+    out = out_dir / "x.safetensors"
+    assert main(["merge", str(models.sd1_a), "noise(seed=1)", "--method", "cosine_a", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "checkpoint file" in err[0]
+    assert not out.exists()
