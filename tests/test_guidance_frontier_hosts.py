@@ -61,6 +61,9 @@ def test_each_method_changes_the_image_and_writes_its_infotext(a1111, method, ca
     assert change > 1e-4, f"{method}: max |Δimage| = {change}"
     assert f"{KEYS[method]}:" in res.infotexts[0]
     assert "Guidance check" not in res.infotexts[0] and "had no effect" not in out, out
+    # The console summary names the method (the real A1111 printed "pass nothing" for these).
+    summary = [l for l in out.splitlines() if l.startswith("[Untitled Guidance] pass ")]
+    assert summary and f"pass {method}" in summary[-1], summary
     # The same request again gives the same image (no state left over from the last generation).
     assert torch.equal(_image(a1111([METHODS[method]])), _image(res))
 
@@ -139,6 +142,8 @@ def test_forge_each_method_changes_the_image_and_writes_its_infotext(forge, meth
     assert change > 1e-4, f"{method}: max |Δimage| = {change}"
     assert f"{KEYS[method]}:" in res.infotexts[0]
     assert "Guidance check" not in res.infotexts[0] and "had no effect" not in out, out
+    summary = [l for l in out.splitlines() if l.startswith("[Untitled Guidance] pass ")]
+    assert summary and f"pass {method}" in summary[-1], summary
 
 
 def test_forge_nag_at_cfg_1_with_untitled_skips_the_uncond_and_still_acts(forge, capsys):

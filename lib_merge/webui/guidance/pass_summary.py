@@ -41,6 +41,13 @@ def describe(settings: GuidanceSettings) -> str:
         parts.append(f"rescale φ {s.rescale_phi:g}")
     if s.dynthres_enabled:
         parts.append(f"dynamic thresholding (mimic {s.dynthres_mimic_scale:g})")
+    # The frontier methods too: without them the real hosts printed "pass nothing" for an APG run.
+    parts.extend(s.combiners_on)
+    if s.nag_on:
+        parts.append(f"NAG φ {s.nag_scale:g} ({s.nag_layers})")
+    if s.cfg_interval:
+        high = "∞" if math.isinf(s.cfg_interval_high) else f"{s.cfg_interval_high:g}"
+        parts.append(f"CFG interval ({s.cfg_interval_low:g}, {high}]")
     return ", ".join(parts)
 
 
