@@ -322,7 +322,7 @@ def test_a_model_of_inference_tensors_restores_bit_exactly(files, dtype):
     live = LiveMerge(LiveTarget({PREFIX: unet}), a)
     live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.6, weights="IN04=0.2"))
     assert live.original_bytes == (0 if dtype == torch.float32 else sum(t.numel() * 2 for t in before.values()))
-    assert all(v is None or not v.is_inference() for v in live._originals.values())
+    assert all(v is None or not v.is_inference() for v in live.originals.kept.values())
     live.restore()
     after = _snapshot(unet)
     assert all(_same_bits(before[k], after[k]) for k in before)
@@ -345,11 +345,11 @@ class Target(LiveTarget):
         return w
 
 live = LiveMerge(Target({}), path)
-assert live._file_match("w", w) == "cast"  # maps and reads the file, sizes the scratch buffer
+assert live.originals.file_match("w", w) == "cast"  # maps and reads the file, sizes the scratch buffer
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-live._capture("w")
+live.originals.capture("w")
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
-assert live._originals["w"] is None
+assert live.originals.kept["w"] is None
 print(grown)
 """
 

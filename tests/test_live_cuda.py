@@ -56,7 +56,7 @@ def test_cuda_patch_equals_file_then_restores(files, tmp_path, flavour, target_k
     mismatched = [k for k, v in unet.state_dict().items()
                   if not _same_bits(v, saved[PREFIX + k].to(model_dtype))]
     assert mismatched == []
-    assert all(v.device.type == "cpu" for v in live._originals.values() if v is not None)
+    assert all(v.device.type == "cpu" for v in live.originals.kept.values() if v is not None)
 
     before = {k: (v._version, v.detach().clone()) for k, v in unet.state_dict(keep_vars=True).items()}
     report = live.apply(recipe.replace(weights="GRAD_V,IN04=0.2"))

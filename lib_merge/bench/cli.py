@@ -66,7 +66,7 @@ def run_pass_through(argv: List[str]) -> Optional[int]:
     if len(argv) < 2 or argv[0] != "bench" or argv[1] not in _PASS_THROUGH:
         return None
     if argv[1] == "live":
-        from ..live_bench import main
+        from .live import main
     else:
         from .guidance import main
     return main(argv[2:]) or 0

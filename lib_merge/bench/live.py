@@ -1,4 +1,4 @@
-"""``python -m lib_merge.live_bench``: how fast the live merge patches a loaded U-Net.
+"""``python -m lib_merge bench live``: how fast the live merge patches a loaded U-Net.
 
 For the tiny ldm U-Net and a full-size SD1.5 U-Net built on the CPU it measures the live patch of
 one block and of all blocks against (a) the memory-bandwidth floor of the bytes a patch must move
@@ -20,12 +20,12 @@ from types import SimpleNamespace
 
 import torch
 
-from .arch import block_of, full_layout
-from .io.writer import SafetensorsWriter
-from .live import LiveMerge, LiveTarget
-from .recipe import Recipe
-from .synthetic import synthetic_tensor
-from .testing import UNetModel, make_tiny_unet, sd1_config
+from ..arch import block_of, full_layout
+from ..io.writer import SafetensorsWriter
+from ..live import LiveMerge, LiveTarget
+from ..recipe import Recipe
+from ..synthetic import synthetic_tensor
+from ..testing import UNetModel, make_tiny_unet, sd1_config
 
 PREFIX = "model.diffusion_model."
 
@@ -195,7 +195,7 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float,
                                                           threads=threads, repeat=repeat)
     # The A1111 adapter's path: merged values go through a scratch buffer and
     # ``load_state_dict(strict=False)`` per module (one more copy, so the LoRA built-in stays consistent).
-    from .webui.board.host_a1111 import A1111Target
+    from ..webui.board.host_a1111 import A1111Target
 
     host_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=module))
     _, host_all, host_one, _ = _patch_times(A1111Target(host_model), a, b, block, len(sizes),
@@ -234,7 +234,7 @@ def run(size: str, folder: Path, *, threads: int | None, repeat: int, bw: float,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib_merge.live_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lib_merge bench live", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("tiny", "sd15", "both"), default="both")
     parser.add_argument("--dir", type=Path, default=Path("bench_tmp"), help="scratch folder (~4.5 GB for sd15)")
     parser.add_argument("--threads", type=int, help="live-merge worker threads (default 1: torch splits each kernel over its own threads)")
