@@ -116,8 +116,9 @@ def _wait_text(page, selector: str, text: str, timeout: int = WAIT_MS) -> None:
 
 def _drag(page, block: str, fraction: float) -> None:
     """Drag a block slider from its thumb to ``fraction`` of its track."""
-    track = page.locator(f"#mergeboard_w_{block} input[type=range]").bounding_box()
     box = page.locator(f"#mergeboard_w_{block} input[type=range]")
+    box.scroll_into_view_if_needed()  # a click further down (Save) may have scrolled it away: mouse events need it on screen
+    track = box.bounding_box()
     lo, hi, now = float(box.get_attribute("min")), float(box.get_attribute("max")), _slider(page, block)
     y = track["y"] + track["height"] / 2
     page.mouse.move(track["x"] + track["width"] * (now - lo) / (hi - lo), y)
