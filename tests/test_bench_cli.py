@@ -61,6 +61,16 @@ def test_lora_benchmark_runs_end_to_end_on_small_files(tmp_path):
     assert not (tmp_path / "scratch").exists()
 
 
+def _ratio_of_printed(ratio: float, seconds: float, reference: float) -> bool:
+    """Whether ``ratio`` (printed to 2 decimals) can be seconds ÷ reference, both also printed to 2
+    decimals: at this size a floor is a few hundredths of a second, so the rounding of the printed
+    values alone moves the quotient by tens of percent."""
+    half = 0.005
+    low = (seconds - half) / (reference + half)
+    high = (seconds + half) / max(reference - half, 1e-9)
+    return low - half <= ratio <= high + half
+
+
 def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
     """`bench merge` on files with widths ÷ 32, from another folder, a 2-input, a 3-input and a
     task-vector method: one table with both floors for each input count and a row per method,
@@ -89,8 +99,8 @@ def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
         inputs, seconds, x_durable, x_cache, x_plain, mecha = rows[method]
         assert inputs == n and seconds > 0
         floor = rows[f"durable floor: read {n} + write 1 + fsync"][1]
-        assert x_durable == pytest.approx(seconds / floor, rel=0.05, abs=0.02)
-        assert x_plain == pytest.approx(seconds / plain[1], rel=0.05, abs=0.02)
+        assert _ratio_of_printed(x_durable, seconds, floor)
+        assert _ratio_of_printed(x_plain, seconds, plain[1])
     try:
         import sd_mecha  # noqa: F401
         assert "ours ÷ sd-mecha" in rows["add_difference"][5] and "no counterpart" in rows["ties"][5]
