@@ -25,7 +25,7 @@ from torch import nn
 
 from ..io.reader import open_checkpoint
 from ..io.writer import SafetensorsWriter
-from ..testing.unet import UNetConfig, UNetModel, sd1_config, timestep_embedding  # noqa: F401
+from ..testing.unet import UNetConfig, UNetModel, sd1_config
 from .text_encoder import TextConfig, ToyTextEncoder
 from .tokenizer import DEFAULT_CONTEXT_LENGTH, WordTokenizer
 
