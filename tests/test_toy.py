@@ -262,3 +262,26 @@ def test_soup_of_toy_checkpoints_adds_removes_and_loads(toy_files, tmp_path):
     assert torch.allclose(ts[key].float(), (ta[key] + tb[key]) / 2, rtol=2e-3, atol=2e-4)
     assert torch.equal(ts[TEXT + "embeddings.position_ids"], ta[TEXT + "embeddings.position_ids"])
     assert load_toy_checkpoint(out).config == ToyConfig()
+
+
+def test_live_merge_patches_a_loaded_toy_model_and_restores_it(toy_files):
+    from lib_merge.live import LiveMerge, LiveTarget
+    from lib_merge.recipe import Recipe
+
+    folder, a, b = toy_files
+    model = load_toy_checkpoint(a)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    live = LiveMerge(LiveTarget({"model.diffusion_model.": model.unet, "cond_stage_model.": model.cond_stage_model}), a)
+    try:
+        # fp32 on both sides: at fp16 the file rounds even the weight-0 blocks (A's values),
+        # which the live merge rightly leaves untouched in the fp32 model.
+        live.apply(Recipe("weighted_sum", (str(a), str(b)), alpha=0.5, weights="GRAD_V", dtype="fp32"))
+        saved = folder / "grad_v_live.safetensors"
+        assert cli_main(["merge", str(a), str(b), "-o", str(saved), "--weights", "GRAD_V", "--dtype", "fp32", "--no-hash"]) == 0
+        on_disk = load_tensors(saved)
+        patched = model.state_dict()
+        assert [k for k in patched if not torch.equal(patched[k], on_disk[k].to(patched[k].dtype))] == []
+        live.restore()
+    finally:
+        live.close()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
