@@ -184,6 +184,48 @@ def test_a1111_live_preview_patches_inside_generation_and_restores_from_the_tab(
     assert "Merge recipe" not in result.infotexts[0]
 
 
+def test_a1111_switching_live_off_during_a_generation_answers_at_once(a1111):
+    """Issue 9 item 19: in the real A1111 the status stayed "Live preview on" until the running
+    generation released the queue lock; the switch answers now and A comes back right after."""
+    import threading
+    import time
+
+    from modules import call_queue
+
+    board, session = a1111.board, a1111.module.SESSION
+    values = _board_values(a1111)
+    a1111.generate()
+    original = _unet_of(a1111.path("a"))
+    board.on_live(True, *values)
+    a1111.generate()
+    assert session.patched
+    held, release = threading.Event(), threading.Event()
+
+    def generation():  # another request holding the queue lock, as a running txt2img does
+        with call_queue.queue_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=generation)
+    holder.start()
+    held.wait(10)
+    answer = []
+    switch = threading.Thread(target=lambda: answer.append(board.on_live(False, *values)), daemon=True)
+    switch.start()
+    switch.join(2)
+    try:
+        assert answer and "Live preview off" in answer[0] and "as soon as the running generation ends" in answer[0]
+        assert session.patched  # nothing touched the weights under the running generation
+    finally:
+        release.set()
+        holder.join(10)
+    deadline = time.monotonic() + 10
+    while session.patched and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not session.patched
+    assert _bits_equal(_current_unet(a1111), original) == []
+
+
 def test_a1111_lora_backups_stay_consistent(a1111, tmp_path):
     import networks
 

@@ -8,6 +8,7 @@ kept together here.
 """
 from __future__ import annotations
 
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -40,11 +41,20 @@ class ActionHandlers(BoardBase):
         restores A right away (under the host's queue lock)."""
         self.session.set_enabled(bool(enabled))
         if not enabled:
+            lock = self.host.mutation_lock()
+            # Weights cannot be restored under a running sampler, but the switch must answer now:
+            # waiting for the lock left the real A1111's status at "Live preview on" until the
+            # generation ended. Restore on a thread that waits for the lock instead.
+            if not lock.acquire(blocking=False):
+                threading.Thread(target=self._restore_when_free, args=(lock,), daemon=True,
+                                 name="mergeboard-restore").start()
+                return _html_message("Live preview off. Model A is restored as soon as the running generation ends.")
             try:
-                with self.host.mutation_lock():
-                    report = self.session.restore()
+                report = self.session.restore()
             except Exception as exc:
                 return _html_message(f"could not restore model A: {exc}", "error")
+            finally:
+                lock.release()
             text = "Live preview off." + (f" Restored model A ({report.keys} tensors)." if report and report.keys else "")
             return _html_message(text)
         try:
@@ -62,6 +72,15 @@ class ActionHandlers(BoardBase):
                 "(or load A in the WebUI) — no generation is changed until then.", "warn")
         return _html_message(" ".join(["Live preview on: every txt2img generation uses this merge (patched just "
                                        "before sampling, restored when you switch it off)."] + notes))
+
+    def _restore_when_free(self, lock) -> None:
+        with lock:
+            if self.session.enabled:  # switched back on meanwhile: the next generation patches anyway
+                return
+            try:
+                self.session.restore()
+            except Exception as exc:  # no page to answer: the console is where it can be seen
+                print(f"[Merge Board] could not restore model A: {exc}")
 
     def on_preview(self, prompt, negative, seed, steps, width, height, cfg, *values):
         if not self.host.has_sampler:
