@@ -267,7 +267,7 @@ def test_ema_keys_are_noted(sd1_keys: dict) -> None:
 
 
 def _expected_block(key: str, arch: ArchSpec, policy: str) -> str:
-    """The tables of merge-reference.md §1, written out independently of lib_merge.arch.keys."""
+    """The tables of the merge reference of the design notes §1, written out independently of lib_merge.arch.keys."""
     last_out = "OUT11" if arch.n_output_blocks == 12 else "OUT08"
     if key.startswith(("cond_stage_model.", "conditioner.", "first_stage_model.")):
         return "BASE"

@@ -1,8 +1,8 @@
 """Regenerates the key/shape lists in this folder. Not a test; run it by hand from the repository root:
 
-    python tests/data/make_layouts.py PATH/TO/arch-specs
+    python tests/data/make_layouts.py SPEC_DIR
 
-sd1 and sdxl are re-encoded from the arch-specs files (read from sd-mecha 1.1.8's ``sd1-ldm`` and
+sd1 and sdxl are re-encoded from the architecture spec files (read from sd-mecha 1.1.8's ``sd1-ldm`` and
 ``sdxl-sgm`` model configs). sd2 has no such source, so it is assembled from parts that do not come
 from ``lib_merge.arch.layouts`` (the code the tests check):
 
