@@ -174,22 +174,8 @@ class GuidedDenoiser:
             seen["FreeU"] = (f + forwards, p + patched)
 
     def _report_hooks(self, plan: StepPlan) -> None:
-        """Tell the stack what the hooks did in this call's forwards (adapters do the same)."""
-        seen, stack = self._seen, self.stack
-        for method, on in (("PAG", plan.pag_scale), ("SEG", plan.seg_scale)):
-            if on and method in seen:
-                stack.note_hook(method, reached=seen[method] > 0)
-        if plan.nag and "NAG" in seen:
-            applied, change, reference = seen["NAG"]
-            stack.note_hook("NAG", reached=applied > 0, max_change=change, reference=reference,
-                            reason="its guided attention equals the cond's (φ = 1, α = 0, or a negative equal to the cond)")
-        if plan.freeu and "FreeU" in seen:
-            forwards, patched = seen["FreeU"]
-            if forwards and not patched:
-                stack.note_hook("FreeU", reached=True, max_change=0.0, reference=1.0,
-                                reason="every stage factor is 1, or no decoder stage has the 4×/2× model-channel width")
-            else:
-                stack.note_hook("FreeU", reached=forwards > 0)
+        """Tell the stack what the hooks did in this call's forwards (the adapters do the same)."""
+        self.stack.note_hooks(plan, self._seen)
 
     def close(self) -> None:
         for handle in (self._perturb, self._nag, self._freeu):

@@ -35,6 +35,7 @@ skipped unless something else reads it. ``effects`` is the proof-of-effect repor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -181,6 +182,26 @@ class GuidanceStack:
     def note_hook(self, method: str, **seen) -> None:
         """What a U-Net hook of ``method`` saw this step (see ``EffectReport.note_hook``)."""
         self.effects.note_hook(method, **seen)
+
+    def note_hooks(self, plan: StepPlan, seen: Mapping[str, Any]) -> None:
+        """What the U-Net hooks counted in a step's forwards, for the proof of effect: ``seen`` holds
+        ``PAG``/``SEG`` → perturbed forwards, ``NAG`` → (guided rows, max change, reference),
+        ``FreeU`` → (forwards, patched stages). A NAG step with no count means its hook was never
+        reached; the hosts' adapters and the test runner report through here alike."""
+        for method, on in (("PAG", plan.pag_scale), ("SEG", plan.seg_scale)):
+            if on and method in seen:
+                self.note_hook(method, reached=seen[method] > 0)
+        if plan.nag:
+            applied, change, reference = seen.get("NAG", (0, 0.0, 0.0))
+            self.note_hook("NAG", reached=applied > 0, max_change=change, reference=reference,
+                           reason="its guided attention equals the cond's (φ = 1, α = 0, or a negative equal to the prompt)")
+        if plan.freeu and "FreeU" in seen:
+            forwards, patched = seen["FreeU"]
+            if forwards and not patched:
+                self.note_hook("FreeU", reached=True, max_change=0.0, reference=1.0,
+                               reason="every stage factor is 1, or no decoder stage has the 4×/2× model-channel width")
+            else:
+                self.note_hook("FreeU", reached=forwards > 0)
 
     def freeu_active(self, step: int) -> bool:
         """Whether FreeU patches the decoder at ``step``."""

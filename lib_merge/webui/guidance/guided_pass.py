@@ -188,20 +188,7 @@ class GuidedPass:
         stack, plan, seen = self.stack, ctx.plan, ctx.seen
         if stack is None or not stack.effects.any_pending:
             return
-        for method, on in (("PAG", plan.pag_scale), ("SEG", plan.seg_scale)):
-            if on and method in seen:
-                stack.note_hook(method, reached=seen[method] > 0)
-        if plan.nag:
-            applied, change, reference = seen.get("NAG", (0, 0.0, 0.0))
-            stack.note_hook("NAG", reached=applied > 0, max_change=change, reference=reference,
-                            reason="its guided attention equals the cond's (φ = 1, α = 0, or a negative equal to the prompt)")
-        if plan.freeu and "FreeU" in seen:
-            forwards, patched = seen["FreeU"]
-            if forwards and not patched:
-                stack.note_hook("FreeU", reached=True, max_change=0.0, reference=1.0,
-                                reason="no decoder stage has the 4×/2× model-channel width")
-            else:
-                stack.note_hook("FreeU", reached=forwards > 0)
+        stack.note_hooks(plan, seen)
 
     def host_reads_uncond(self) -> bool:
         """Whether the host's sampler reads the uncond rows itself: both hosts' *DDIM CFG++* set
