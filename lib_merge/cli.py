@@ -15,6 +15,8 @@ from typing import Sequence
 from . import board_cli
 from .bench.cli import bench_argv, bench_parsers, run_benchmark, run_pass_through
 from .errors import MergeCancelled, MergeError
+from .lora.cli import add_lora_parsers, run_extract, run_lora_merge
+from .soup.cli import add_soup_parser, run_soup
 
 ALPHA_NOTE = "alpha is B's share: 0 gives A, 1 gives B"
 
@@ -92,60 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods with their parameters")
 
-    s = sub.add_parser(
-        "soup",
-        help="incremental soups: a pot of running sums; add/remove/reweight read only that one model",
-        description="A pot (a folder) keeps Σ wᵢθᵢ per key in float64 and the ingredient list, so models can be "
-        "added, removed or reweighted without re-reading the others; export writes the weighted average.",
-    )
-    ss = s.add_subparsers(dest="soup_command", required=True)
-    si = ss.add_parser("init", help="create an empty pot")
-    si.add_argument("pot")
-    si.add_argument("--base", help="base model: fixes the architecture and the copied keys; allows export --scale")
-    sa = ss.add_parser("add", help="add one or more models (one pass over the pot)")
-    sa.add_argument("pot")
-    sa.add_argument("models", nargs="+")
-    sa.add_argument("--weight", type=float, default=1.0, help="weight of each added model (default 1)")
-    sr = ss.add_parser("remove", help="subtract models that are in the pot (needs the files)")
-    sr.add_argument("pot")
-    sr.add_argument("models", nargs="+")
-    sw = ss.add_parser("reweight", help="change one ingredient's weight (needs the file)")
-    sw.add_argument("pot")
-    sw.add_argument("model")
-    sw.add_argument("weight", type=float)
-    sh = ss.add_parser("show", help="ingredients, weights, hashes, architecture")
-    sh.add_argument("pot")
-    sh.add_argument("--verify", action="store_true", help="also check every stored byte against its checksum")
-    se = ss.add_parser("export", help="write the weighted average as a checkpoint")
-    se.add_argument("pot")
-    se.add_argument("-o", "--output", required=True)
-    se.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
-    se.add_argument("--scale", type=float, default=1.0, help="pots with a base: base + scale·(average − base)")
-    se.add_argument("--overwrite", action="store_true")
-    for p in (sa, sr, sw, sh, se):
-        p.add_argument("--threads", type=int)
-
-    x = sub.add_parser("extract", help="extract a LoRA of B − A (kohya layout, loads in A1111 and Forge)")
-    x.add_argument("a", help="the base model A")
-    x.add_argument("b", help="the fine-tune B")
-    x.add_argument("-o", "--output", required=True)
-    x.add_argument("--rank", type=int, default=64, help="rank of Linear and 1×1 layers (default 64)")
-    x.add_argument("--conv-rank", type=int, help="also extract 3×3 convs (LoCon) at this rank")
-    x.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this fraction of ‖B−A‖_F (≤ --rank)")
-    x.add_argument("--clamp-quantile", type=float, help="clamp the factors at this quantile (kohya: 0.99; default off)")
-    x.add_argument("--text-encoders", action="store_true", help="extract the text encoders too (skipped if unchanged)")
-    x.add_argument("--svd", choices=("full", "randomized"), default="full",
-                   help="randomized: seeded sketch + 4 power iterations + 10 oversampling (faster on big layers)")
-    x.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
-    x.add_argument("--threads", type=int, default=2)
-    x.add_argument("--overwrite", action="store_true")
-
-    lm = sub.add_parser("lora-merge", help="merge LoRAs into one: exact rank concatenation, or SVD to --rank")
-    lm.add_argument("loras", nargs="+", metavar="L[:W]")
-    lm.add_argument("-o", "--output", required=True)
-    lm.add_argument("--rank", type=int, help="re-compress each module to this rank by SVD (needed for LoHa/LoKr/full)")
-    lm.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
-    lm.add_argument("--overwrite", action="store_true")
+    add_soup_parser(sub)
+    add_lora_parsers(sub)
 
     d = sub.add_parser("demo", help="build small synthetic checkpoints and run example merges (no download)")
     d.add_argument("--dir", default="demo_models", help="folder for the demo models and outputs")
@@ -173,11 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_methods())
             return 0
         if args.command == "soup":
-            return _soup(args)
+            return run_soup(args)
         if args.command == "extract":
-            return _extract(args)
+            return run_extract(args)
         if args.command == "lora-merge":
-            return _lora_merge(args)
+            return run_lora_merge(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -358,72 +308,6 @@ def _merge(args: argparse.Namespace) -> int:
     if result.sha256:
         print(f"sha256 {result.sha256}")
         print(f"short hash [{result.short_hash}]")
-    return 0
-
-
-def _extract(args: argparse.Namespace) -> int:
-    from .lora.extract import ExtractOptions, extract_lora
-
-    report = extract_lora(args.a, args.b, args.output, ExtractOptions(
-        rank=args.rank, conv_rank=args.conv_rank, energy=args.energy, clamp_quantile=args.clamp_quantile,
-        text_encoders=args.text_encoders, randomized=args.svd == "randomized", dtype=args.dtype,
-        threads=max(1, args.threads)), overwrite=args.overwrite)
-    print(report.describe())
-    return 0
-
-
-def _lora_merge(args: argparse.Namespace) -> int:
-    import torch
-
-    from .errors import BadParameterError
-    from .lora.merge import merge_loras, parse_weighted
-
-    if args.rank is not None and args.rank < 1:
-        raise BadParameterError("--rank must be ≥ 1")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    report = merge_loras([parse_weighted(r) for r in args.loras], args.output, rank=args.rank,
-                         overwrite=args.overwrite, dtype=dtype)
-    how = f"rank ≤ {args.rank}, retained energy {report.retained:.4f}" if args.rank else f"concatenated, rank {max(report.ranks)}"
-    print(f"wrote {report.path}: {report.modules} modules ({how})")
-    return 0
-
-
-def _soup(args: argparse.Namespace) -> int:
-    from .soup import Pot
-
-    from .engine.pool import cap_threads
-
-    command = args.soup_command
-    threads = cap_threads(getattr(args, "threads", None), lambda msg: print(f"note: {msg}", file=sys.stderr))
-    if command == "init":
-        pot = Pot.init(args.pot, base=args.base)
-        print(pot.describe())
-        return 0
-    pot = Pot(args.pot)
-    if command == "add":
-        added = pot.add(args.models, args.weight, threads=threads)
-        print(f"added {', '.join(a.name for a in added)} (weight {args.weight:g} each)")
-    elif command == "remove":
-        gone = pot.remove(args.models, threads=threads)
-        print(f"removed {', '.join(g.name for g in gone)}")
-    elif command == "reweight":
-        member = pot.reweight(args.model, args.weight, threads=threads)
-        print(f"{member.name}: weight {member.weight:g} → {args.weight:g}")
-    elif command == "show":
-        if args.verify:
-            pot.verify(threads)
-        print(pot.describe())
-        if args.verify:
-            print("  checksums: all stored bytes verified")
-        return 0
-    elif command == "export":
-        path, digest = pot.export(args.output, dtype=args.dtype, scale=args.scale, overwrite=args.overwrite,
-                                  threads=threads)
-        print(f"wrote {path} ({len(pot.ingredients)} ingredients, total weight {pot.total_weight:g})")
-        if digest:
-            print(f"sha256 {digest}")
-        return 0
-    print(pot.describe())
     return 0
 
 

@@ -15,7 +15,17 @@ pot is 8 bytes per parameter (4× an fp16 model), and each change reads and rewr
 pot → export, sums, store; export and sums → store. Keys run on the engine's pool
 (``lib_merge.engine.pool``). ``Pot`` and ``Ingredient`` are the public API.
 """
-from .pot import Pot
-from .store import Ingredient
-
 __all__ = ["Ingredient", "Pot"]
+
+
+def __getattr__(name: str):
+    # lazily, so the command line (lib_merge.soup.cli) parses its arguments without importing torch
+    if name == "Pot":
+        from .pot import Pot
+
+        return Pot
+    if name == "Ingredient":
+        from .store import Ingredient
+
+        return Ingredient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
