@@ -178,7 +178,7 @@ def test_sdxl_dict_conditioning(forge):
 
 def _record_forwards(kmodel, monkeypatch):
     """Every apply_model call of the generation: (x, t, context, our row marks, output)."""
-    from lib_merge.webui.guidance.forge import ROWS_KEY
+    from lib_merge.webui.guidance.forge_patches import ROWS_KEY
 
     seen = []
     plain = kmodel.apply_model

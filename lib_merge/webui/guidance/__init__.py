@@ -5,7 +5,8 @@
   reads or writes their values (API args, infotext and paste with the legacy keys of other
   extensions, the gradio layout, X/Y/Z axes); ``console`` holds its console lines;
 - guided_pass, pass_setup, pass_summary, untitled_conds: one sampling pass, host-neutral;
-- a1111, a1111_pass: the A1111 1.10 adapter; forge: the Forge adapter; cfgpp_samplers: our
+- a1111, a1111_pass: the A1111 1.10 adapter; forge (installing) and forge_patches (the functions
+  it registers on the U-Net patcher): the Forge adapter; cfgpp_samplers: our
   CFG++ samplers in either host's sampler list.
 """
 from __future__ import annotations

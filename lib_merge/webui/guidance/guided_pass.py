@@ -2,7 +2,7 @@
 
 Both hosts sample through an A1111-style ``CFGDenoiser`` (``p.sampler.model_wrap_cfg``): its
 ``forward`` is where untitled conds are swapped in, the step is planned and CFG++ is fed, whatever
-then runs the model (A1111: ``a1111_pass.A1111Pass``; Forge: ``forge.ForgePass``). The wrapper is
+then runs the model (A1111: ``a1111_pass.A1111Pass``; Forge: ``forge_patches.ForgePass``). The wrapper is
 installed on the instance, never on the class other generations and extensions share.
 """
 from __future__ import annotations
