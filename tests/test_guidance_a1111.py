@@ -16,16 +16,9 @@ from tests import hosts as host
 @pytest.fixture
 def a1111():
     with host.installed("a1111", fake_gradio=True):
-        from modules import processing, scripts, shared
+        from modules import processing, shared
 
-        from tests.hosts.common.models import A1111Model
-
-        shared.sd_model = A1111Model("sd1")
-        script_module = host.load_script()
-        script = script_module.UntitledGuidanceScript()
-        script.filename = "untitled_guidance.py"
-        runner = scripts.ScriptRunner()
-        runner.add(script, len(guidance_controls.CONTROLS))
+        runner, script, script_module = host.guidance_runner("a1111")
         yield _Host(shared, processing, runner, script, script_module)
 
 

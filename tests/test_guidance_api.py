@@ -11,15 +11,9 @@ from tests import hosts as host
 
 
 def _setup(name):
-    from modules import scripts, shared
+    from modules import shared
 
-    from tests.hosts.common import models
-
-    shared.sd_model = models.ForgeEngine("sd1") if name == "forge" else models.A1111Model("sd1")
-    script = host.load_script().UntitledGuidanceScript()
-    script.filename = "untitled_guidance.py"
-    runner = scripts.ScriptRunner()
-    runner.add(script, len(guidance_controls.CONTROLS))
+    runner, _, _ = host.guidance_runner(name)
     return shared.sd_model, runner
 
 

@@ -11,16 +11,9 @@ from tests import hosts as host
 @pytest.fixture
 def forge():
     with host.installed("forge", fake_gradio=True):
-        from modules import processing, scripts, shared
+        from modules import processing, shared
 
-        from tests.hosts.common.models import ForgeEngine
-
-        shared.sd_model = ForgeEngine("sd1")
-        script_module = host.load_script()
-        script = script_module.UntitledGuidanceScript()
-        script.filename = "untitled_guidance.py"
-        runner = scripts.ScriptRunner()
-        runner.add(script, len(guidance_controls.CONTROLS))
+        runner, script, _ = host.guidance_runner("forge")
         yield _Host(shared, processing, runner, script)
 
 

@@ -11,22 +11,15 @@ import functools
 import pytest
 import torch
 
-from lib_merge.webui.guidance import controls as guidance_controls
 from tests import hosts as host
 
 
 @pytest.fixture
 def forge():
     with host.installed("forge", fake_gradio=True):
-        from modules import processing, scripts, sd_samplers_cfg_denoiser, shared
+        from modules import processing, sd_samplers_cfg_denoiser
 
-        from tests.hosts.common.models import ForgeEngine
-
-        shared.sd_model = ForgeEngine("sd1")
-        script = host.load_script().UntitledGuidanceScript()
-        script.filename = "untitled_guidance.py"
-        runner = scripts.ScriptRunner()
-        runner.add(script, len(guidance_controls.CONTROLS))
+        runner, _, _ = host.guidance_runner("forge")
         yield processing, runner, sd_samplers_cfg_denoiser
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_merge.webui.guidance import controls as guidance_controls
 from tests import hosts as host
 
 # One request per method, with settings that must act on the tiny U-Net (CFG 7, 3 steps).
@@ -24,27 +23,26 @@ KEYS = {"APG": "UG APG", "CFG-Zero*": "UG CFG-Zero", "TCFG": "UG TCFG", "MaHiRo"
         "Skimmed CFG": "UG Skimmed CFG", "FDG": "UG FDG", "NAG": "UG NAG scale", "CFG interval": "UG CFG interval"}
 
 
+def _generations(name: str, **size):
+    """Inside ``installed(name)``: run(args, **p) → one txt2img with the script's args."""
+    from modules import processing
+
+    runner, _, _ = host.guidance_runner(name)
+
+    def run(args, **kwargs):
+        params = {"prompt": "a cat", "negative_prompt": "ugly, blurry", "steps": 3, "cfg_scale": 7.0, "seed": 5,
+                  "batch_size": 2, **size, **kwargs}
+        p = processing.StableDiffusionProcessingTxt2Img(**params)
+        p.scripts, p.script_args = runner, tuple(args)
+        return processing.process_images(p)
+
+    return run
+
+
 @pytest.fixture
 def a1111():
     with host.installed("a1111", fake_gradio=True):
-        from modules import processing, scripts, shared
-
-        from tests.hosts.common.models import A1111Model
-
-        shared.sd_model = A1111Model("sd1")
-        script = host.load_script().UntitledGuidanceScript()
-        script.filename = "untitled_guidance.py"
-        runner = scripts.ScriptRunner()
-        runner.add(script, len(guidance_controls.CONTROLS))
-
-        def run(args, **kwargs):
-            params = {"prompt": "a cat", "negative_prompt": "ugly, blurry", "steps": 3, "width": 32, "height": 32,
-                      "cfg_scale": 7.0, "seed": 5, "batch_size": 2, **kwargs}
-            p = processing.StableDiffusionProcessingTxt2Img(**params)
-            p.scripts, p.script_args = runner, tuple(args)
-            return processing.process_images(p)
-
-        yield run
+        yield _generations("a1111", width=32, height=32)
 
 
 def _image(res) -> torch.Tensor:
@@ -113,24 +111,7 @@ def test_two_combiners_fail_the_generation_with_one_message(a1111, capsys):
 @pytest.fixture
 def forge():
     with host.installed("forge", fake_gradio=True):
-        from modules import processing, scripts, shared
-
-        from tests.hosts.common.models import ForgeEngine
-
-        shared.sd_model = ForgeEngine("sd1")
-        script = host.load_script().UntitledGuidanceScript()
-        script.filename = "untitled_guidance.py"
-        runner = scripts.ScriptRunner()
-        runner.add(script, len(guidance_controls.CONTROLS))
-
-        def run(args, **kwargs):
-            params = {"prompt": "a cat", "negative_prompt": "ugly, blurry", "steps": 3, "cfg_scale": 7.0, "seed": 5,
-                      "batch_size": 2, **kwargs}
-            p = processing.StableDiffusionProcessingTxt2Img(**params)
-            p.scripts, p.script_args = runner, tuple(args)
-            return processing.process_images(p)
-
-        yield run
+        yield _generations("forge")
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -9,4 +9,4 @@ written once: Forge's stand-ins import A1111's where Forge kept A1111's code, ho
 are in ``common/``, and code with module state of its own is in ``shared_src/``, run inside each
 host's module by ``common.exec_shared``.
 """
-from tests.hosts.install import installed, load_entry_script, load_script, load_xyz_grid  # noqa: F401
+from tests.hosts.install import guidance_runner, installed, load_entry_script, load_script, load_xyz_grid  # noqa: F401

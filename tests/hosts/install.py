@@ -67,6 +67,24 @@ def load_script():
     return load_script_file(os.path.join(REPO, "scripts", "untitled_guidance.py"))
 
 
+def guidance_runner(host: str):
+    """Inside ``installed(host)``: a tiny SD1 model as ``shared.sd_model`` and a ``ScriptRunner``
+    holding the Untitled Guidance script as the WebUI sets it up. Returns (runner, script, module)."""
+    from modules import scripts, shared
+
+    from tests.hosts.common.models import A1111Model, ForgeEngine
+
+    from lib_merge.webui.guidance.controls import CONTROLS
+
+    shared.sd_model = ForgeEngine("sd1") if host == "forge" else A1111Model("sd1")
+    module = load_script()
+    script = module.UntitledGuidanceScript()
+    script.filename = "untitled_guidance.py"
+    runner = scripts.ScriptRunner()
+    runner.add(script, len(CONTROLS))
+    return runner, script, module
+
+
 def load_entry_script():
     """Import scripts/merge_board.py as the WebUI does and list its Script class in scripts_data."""
     return load_script_file(os.path.join(REPO, "scripts", "merge_board.py"), "MergeBoardLivePreview", REPO)
