@@ -17,6 +17,7 @@ from .bench.cli import bench_argv, bench_parsers, run_benchmark, run_pass_throug
 from .errors import MergeCancelled, MergeError
 from .lora.cli import add_lora_parsers, run_extract, run_lora_merge
 from .soup.cli import add_soup_parser, run_soup
+from .toy.cli import add_toy_parser, run_toy
 
 ALPHA_NOTE = "alpha is B's share: 0 gives A, 1 gives B"
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-file", choices=("auto", "on", "off"), default="auto",
         help="write OUT.resume so a crash or Ctrl-C can be resumed (auto: when the merge reads ≥ 8 GiB)",
     )
+    add_executor_options(m)
 
     i = sub.add_parser("inspect", help="architecture and per-block statistics; with B, per-block difference")
     i.add_argument("a")
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soup_parser(sub)
     add_lora_parsers(sub)
+    add_toy_parser(sub)
 
     d = sub.add_parser("demo", help="build small synthetic checkpoints and run example merges (no download)")
     d.add_argument("--dir", default="demo_models", help="folder for the demo models and outputs")
@@ -103,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parsers(sub)
     board_cli.add_parser(sub)
     return parser
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="where keys run: local threads (default) or Ray tasks, one per shard of keys; with ray, --threads "
+        "and --max-memory apply to each worker, and inputs and output must be on storage every node sees "
+        "(docs/distributed.md)",
+    )
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="join this Ray cluster (what `ray start --head` printed); default: a local Ray instance")
+    parser.add_argument("--shard-size", metavar="SIZE",
+                        help="with --executor ray: input bytes one task reads (default 256M)")
+
+
+def executor_from_args(args: argparse.Namespace):
+    from .engine.executors import make_executor
+    from .many import parse_size
+
+    try:
+        shard = parse_size(args.shard_size) if args.shard_size else None
+    except MergeError as exc:
+        raise type(exc)(str(exc).replace("--max-memory", "--shard-size", 1)) from None
+    return make_executor(args.executor, address=args.ray_address, shard_bytes=shard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract(args)
         if args.command == "lora-merge":
             return run_lora_merge(args)
+        if args.command == "toy":
+            return run_toy(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -259,6 +288,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .engine import merge
 
     recipe = recipe_from_args(args)
+    executor = executor_from_args(args)
     cancel = threading.Event()
     bar = _progress_bar()
 
@@ -288,6 +318,7 @@ def _merge(args: argparse.Namespace) -> int:
             journal={"auto": None, "on": True, "off": False}[args.resume_file],
             resume=args.resume,
             on_plan=lambda text: print(text, flush=True),
+            executor=executor,
         )
     except MergeError as exc:
         from .io.writer import temp_path_for

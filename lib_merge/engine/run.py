@@ -16,15 +16,14 @@ from typing import Any, Callable
 
 from ..errors import BadParameterError, MergeCancelled
 from ..io.hashing import remember_sha256, sha256_file, short_hash
-from ..io.reader import CheckpointReader, open_checkpoint
-from ..lora.attach import attached_loras
-from ..many import MemoryPlan, job_bytes, parse_size, plan_memory
-from ..plan import KeyJob, MergePlan, model_label, open_inputs, plan_merge
+from ..io.reader import CheckpointReader
+from ..many import MemoryPlan, parse_size, plan_memory
+from ..plan import MergePlan, model_label
 from ..recipe import Recipe
 from ..resume import AUTO_MIN_BYTES
-from ..vae import bake_vae
 from .output import check_output_name, clear_stale_journal, open_output, stop, stopped_message
-from .pool import Counters, StopFlag, cap_threads, default_threads, run_keys
+from .executor import Executor, KeyRun, LocalExecutor, open_plan
+from .pool import Counters, StopFlag, cap_threads, default_threads
 from .produce import produce_job
 
 ProgressFn = Callable[[int, int, str], None]  # (done_bytes, total_bytes, key)
@@ -55,25 +54,12 @@ def merge(
 ) -> MergeResult:
     """Plan ``recipe`` (its VAE baked in) and run it into ``output``; ``options`` are
     :func:`execute`'s (threads, overwrite, progress, cancel, hashing, durable, max_memory, journal,
-    resume, on_plan)."""
-    inputs = open_inputs(recipe.models)
-    vae: CheckpointReader | None = None
-    try:
-        plan = plan_merge(recipe, inputs)
-        if recipe.vae:
-            vae = open_checkpoint(recipe.vae)
-            bake_vae(plan, vae)
-        with attached_loras(plan):
-            for message in plan.warnings:
-                if warn:
-                    warn(message)
-            return execute(plan, output, warn=warn, **options)
-    finally:
-        for item in inputs:
-            if isinstance(item, CheckpointReader):
-                item.close()
-        if vae is not None:
-            vae.close()
+    resume, on_plan, executor)."""
+    with open_plan(recipe) as plan:
+        for message in plan.warnings:
+            if warn:
+                warn(message)
+        return execute(plan, output, warn=warn, **options)
 
 
 def execute(
@@ -92,6 +78,7 @@ def execute(
     resume: bool = False,
     on_plan: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> MergeResult:
     """Run ``plan`` into ``output``. ``durable`` fsyncs the file before the atomic rename, so a
     crash or power loss can never leave a half-written file under the final name.
@@ -100,7 +87,9 @@ def execute(
     estimates fit (see ``lib_merge.many``); ``on_plan`` receives the bound before any work.
     ``journal`` writes a resume file (None: only for runs reading ≥ 8 GiB); on a failure or a
     cancel the partial file and the resume file are then kept, and ``resume=True`` continues
-    from them — the result is bit for bit that of an uninterrupted run."""
+    from them — the result is bit for bit that of an uninterrupted run. ``executor`` runs the keys
+    (default: this process's threads; ``executor.make_executor('ray')`` for a Ray cluster, where
+    ``threads`` and ``max_memory`` apply to each worker)."""
     from ..metadata import build_metadata
 
     started = time.perf_counter()
@@ -127,26 +116,10 @@ def execute(
     total = sum(j.nbytes_out for j in plan.jobs)
     counters = Counters()
     counters.written = sum(j.nbytes_out for j in plan.jobs if j.key in done)
-
-    def write_key(job: KeyJob) -> None:  # on a pool worker
-        for offset, chunk in produce_job(plan, job, counters):
-            if cancel.is_set():
-                return
-            writer.write_part(job.key, offset, chunk)
-        writer.complete(job.key)
-        if log is not None:
-            log.record(job.key)
-        written = counters.add_written(job.nbytes_out)
-        if progress:
-            progress(written, total, job.key)
-
-    def tick() -> None:  # runs on the main thread while it waits: keeps the resume file current
-        if log is not None and log.due():
-            log.flush(writer.sync)
-
+    work = KeyRun(plan, [j for j in plan.jobs if j.key not in done], writer, log, counters, total, progress, cancel,
+                  threads, memory.budget, memory.bound, durable, produce_job)
     try:
-        run_keys([j for j in plan.jobs if j.key not in done], write_key, threads=threads,
-                 cost=lambda job: job_bytes(plan, job), budget=memory.budget, cancel=cancel, tick=tick)
+        (executor or LocalExecutor()).run(work)
     except BaseException as exc:
         stop(writer, log)
         if isinstance(exc, KeyboardInterrupt):

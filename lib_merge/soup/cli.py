@@ -37,6 +37,10 @@ def add_soup_parser(sub) -> None:
     se.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     se.add_argument("--scale", type=float, default=1.0, help="pots with a base: base + scale·(average − base)")
     se.add_argument("--overwrite", action="store_true")
+    se.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where keys run: local threads (default) or Ray tasks (docs/distributed.md)")
+    se.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster; default: a local Ray instance")
+    se.add_argument("--shard-size", metavar="SIZE", help="with --executor ray: pot bytes one task reads (default 256M)")
     for p in (sa, sr, sw, sh, se):
         p.add_argument("--threads", type=int)
 
@@ -70,8 +74,13 @@ def run_soup(args: argparse.Namespace) -> int:
             print("  checksums: all stored bytes verified")
         return 0
     elif command == "export":
+        from ..engine.executors import make_executor
+        from ..many import parse_size
+
+        executor = make_executor(args.executor, address=args.ray_address,
+                                 shard_bytes=parse_size(args.shard_size) if args.shard_size else None)
         path, digest = pot.export(args.output, dtype=args.dtype, scale=args.scale, overwrite=args.overwrite,
-                                  threads=threads)
+                                  threads=threads, executor=executor)
         print(f"wrote {path} ({len(pot.ingredients)} ingredients, total weight {pot.total_weight:g})")
         if digest:
             print(f"sha256 {digest}")

@@ -192,9 +192,10 @@ class Pot:
 
     def export(
         self, output: str | os.PathLike[str], *, dtype: str = "fp16", scale: float = 1.0, overwrite: bool = False,
-        threads: int | None = None, hash_output: bool = True,
+        threads: int | None = None, hash_output: bool = True, executor=None,
     ) -> tuple[Path, str | None]:
         """Write Σ wᵢθᵢ / Σ wᵢ as a checkpoint; with ``scale`` ≠ 1 (pots with a base only),
-        base + scale·(average − base). Reads the pot only (and the base when scale ≠ 1)."""
+        base + scale·(average − base). Reads the pot only (and the base when scale ≠ 1).
+        ``executor``: see ``export_pot``."""
         return export_pot(self, output, dtype=dtype, scale=scale, overwrite=overwrite, threads=threads,
-                          hash_output=hash_output)
+                          hash_output=hash_output, executor=executor)
