@@ -32,7 +32,10 @@ from .tokenizer import DEFAULT_CONTEXT_LENGTH, WordTokenizer
 METADATA_KEY = "mergeboard.toy.config"
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
-_TOY_HEADS = 4  # per attention layer, U-Net and text encoder; not visible in tensor shapes
+_TOY_HEADS = 4  # per text-encoder attention layer; not visible in tensor shapes
+# One head per U-Net attention layer: at 16-32 channels, four heads of 4-8 dims made torch's CPU
+# attention kernel 46 % of a forward; one head runs a training step 2.4× faster.
+_UNET_HEADS = 1
 _TOY_GROUPS = 8  # GroupNorm groups; SD1's 32 would leave one channel a group at 32 channels
 
 
@@ -46,7 +49,7 @@ def toy_unet_config(model_channels: int = 32, channel_mult: Sequence[int] = (1, 
     compute, and the wider 8×8 and 4×4 levels add parameters, not time."""
     base = sd1_config(
         model_channels=model_channels, channel_mult=tuple(channel_mult), context_dim=context_dim,
-        in_channels=3, out_channels=3, num_heads=_TOY_HEADS, norm_groups=_TOY_GROUPS,
+        in_channels=3, out_channels=3, num_heads=_UNET_HEADS, norm_groups=_TOY_GROUPS,
     )
     return replace(base, **overrides)
 
