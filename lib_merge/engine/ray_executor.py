@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class RayExecutor:
         recipe["loras"] = [{**lora, "path": str(Path(lora["path"]).resolve())} for lora in recipe.get("loras") or []]
         spec = MergeShardSpec(
             recipe=recipe,
-            inputs=file_identity([p.resolve() for p in input_files(plan)]),
+            inputs=_identities(plan),
             layout_sha256=layout_digest(plan),
             tmp_path=str(work.writer.tmp_path.resolve()),
             header_sha256=_sha256(work.writer.header_bytes),
@@ -147,7 +148,7 @@ def _result(ray, ref, shard: Shard) -> dict:
                          f"{type(cause).__name__ if cause else 'error'}: {cause or exc}") from None
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.RayError) as exc:
         raise MergeError(
-            f"shard {shard.index} ({shard.keys[0]} …): its Ray worker was lost {MAX_RETRIES + 1} times "
+            f"shard {shard.index} ({shard.keys[0]} …): its Ray worker was lost on each of {MAX_RETRIES + 1} tries "
             f"({type(exc).__name__}); out of memory on a node? lower --max-memory or --threads"
         ) from None
 
@@ -209,6 +210,22 @@ def _check_memory(ray, memory: int) -> None:
             f"but the largest node offers {format_size(largest)} to Ray; lower --max-memory or --threads, or add a "
             "node with more memory"
         )
+
+
+def _identities(plan) -> list[list[Any]]:
+    """What each worker checks its inputs against: the files the driver has open (through their
+    descriptors, so a name that changed since planning is still the driver's file), the VAE and
+    the LoRAs by name."""
+    opened = {Path(r.path).resolve(): getattr(r, "_fd", -1) for r in plan.readers}
+    out = []
+    for path in (Path(p).resolve() for p in input_files(plan)):
+        fd = opened.get(path, -1)
+        if fd >= 0:
+            st = os.fstat(fd)
+            out.append([str(path), st.st_size, int(st.st_mtime)])
+        else:
+            out.extend(file_identity([path]))
+    return out
 
 
 def _sha256(data: bytes) -> str:
