@@ -1,4 +1,4 @@
-"""Every benchmark, behind ``python -m lib_merge bench {merge,many,live,guidance,lora}``.
+"""Every benchmark, behind ``python -m lib_merge bench {merge,many,live,guidance,lora,ray}``.
 
 Benchmarks are scripts that print figures (wall time against an I/O or memory floor, peak RSS), not
 timed tests. The heavy contenders run in interpreters of their own (``-m lib_merge.bench.<name>``),
@@ -17,5 +17,6 @@ KINDS = {
     "many": "N-model dgmla and soups on full-size SD1.5 U-Nets, and the DGMLA-216 projection",
     "live": "live-merge patches of a loaded U-Net against the memory floor and a reload",
     "guidance": "per-step cost of each guidance method on the tiny U-Net",
+    "ray": "many-model dgmla on the local executor vs 1, 2, … Ray workers; the DGMLA-216 projection across nodes",
     "lora": "baking a LoRA against the 2-model merge's I/O floor; extraction by full and randomized SVD",
 }

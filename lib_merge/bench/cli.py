@@ -50,7 +50,13 @@ def bench_parsers(sub) -> None:
     lora.add_argument("--scale", type=int, default=1, metavar="N",
                       help="divide the layer widths by N (a quick run on small files; default 1 = full size)")
 
-    for parser in (merge, many, lora):
+    ray = kinds.add_parser("ray", help=KINDS["ray"])
+    ray.add_argument("--models", type=int, default=5, help="dgmla inputs: a base and N − 1 fine-tunes (default 5)")
+    ray.add_argument("--scale", type=int, default=4, metavar="N", help="divide the U-Net widths by N (default 4)")
+    ray.add_argument("--workers", default="1,2", metavar="K[,K…]", help="Ray worker counts (default 1,2)")
+    ray.add_argument("--shard-size", default="16M", help="input bytes per Ray task (default 16M)")
+
+    for parser in (merge, many, lora, ray):
         parser.add_argument("--dir", default="bench_tmp", help="scratch folder (needs ~3× a checkpoint of free space)")
         parser.add_argument("--threads", type=int)
         parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
@@ -81,6 +87,10 @@ def run_benchmark(args) -> int:
         from .many import run_many_bench
 
         return run_many_bench(args)
+    if args.bench == "ray":
+        from .ray_bench import run_ray_bench
+
+        return run_ray_bench(args)
     if args.bench == "lora":
         from .lora import run_lora_bench
 
