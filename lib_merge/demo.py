@@ -1,7 +1,9 @@
 """``python -m lib_merge demo``: the main job end to end on small synthetic checkpoints with the
 real SD1 and SDXL key names — no download. Builds a demo folder (also the default folder of the
 standalone board), runs a preset block merge, an add-difference, a 3-model soup and a
-noise-then-slerp "controlled noise" merge, inspects the results and prints a summary."""
+noise-then-slerp "controlled noise" merge, inspects the results and prints a summary. When the package
+ships the trained toy checkpoints (``lib_merge/toy/pretrained/``), it also merges those and writes a
+PNG grid of what each model draws (``lib_merge.toy.demo_grid``)."""
 from __future__ import annotations
 
 import sys
@@ -77,4 +79,22 @@ def run_demo(folder: Path) -> int:
     print()
     print("Next: `python -m lib_merge inspect A B`, `python -m lib_merge merge --help`, "
           f"`python -m lib_merge merge --recipe {outputs['sd15_grad_v.safetensors']} -o copy.safetensors`")
+    print()
+    demo_pictures(folder)
     return 0
+
+
+def demo_pictures(folder: Path) -> None:
+    """The toy models' merges as a picture, or one line saying why there is none."""
+    from .toy import demo_grid
+
+    toys = demo_grid.copy_pretrained(folder)
+    if not toys:
+        print(f"pictures: skipped — no trained toy checkpoints in {demo_grid.PRETRAINED_DIR} "
+              "(this copy of the package ships none)")
+        return
+    a, b = toys
+    print(f"pictures: merging and sampling the trained toy models {a.name} (A) and {b.name} (B) …", flush=True)
+    result = demo_grid.make_demo_grid(a, b, folder / "merged" / "toy", log=print)
+    print(f"pictures: {result.path.resolve()}  ({result.seconds:.0f} s)")
+    print(f"  {result.legend}")
