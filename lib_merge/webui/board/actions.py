@@ -62,6 +62,9 @@ class ActionHandlers(BoardBase):
         except MergeError as exc:
             return _html_message(f"Live preview on, but the board is not ready: {exc}", "warn")
         self.session.set_board(recipe)
+        if getattr(self.host, "live_images", False):  # it loads model A itself at each render
+            return _html_message("Live preview on: the image follows every change of the merge, the prompt and "
+                                 "the settings (model A is restored when you switch it off).")
         loaded = self.host.loaded_checkpoint()
         notes = []
         if loaded is None:
@@ -82,14 +85,20 @@ class ActionHandlers(BoardBase):
             except Exception as exc:  # no page to answer: the console is where it can be seen
                 print(f"[Merge Board] could not restore model A: {exc}")
 
-    def on_preview(self, prompt, negative, seed, steps, width, height, cfg, *values):
+    def on_preview(self, prompt, negative, seed, steps, width, height, cfg, *values,
+                   sampler: Optional[str] = None, options: Optional[dict] = None):
+        """Render one preview; ``sampler`` and ``options`` come from the controls a host offers
+        beyond the common ones (the toy host's sampler and guidance knobs)."""
         if not self.host.has_sampler:
             return None, "", _html_message("this host has no sampler: preview is unavailable", "warn")
         try:
             recipe = self.recipe(self.parse_ui(values))
             self.session.set_board(recipe)
             request = PreviewRequest(prompt or "", negative or "", int(_num(seed, -1)), int(_num(steps, 20)),
-                                     int(_num(width, 512)), int(_num(height, 512)), float(_num(cfg, 7.0)))
+                                     int(_num(width, 512)), int(_num(height, 512)), float(_num(cfg, 7.0)),
+                                     options={k: _num(v, 0.0) for k, v in (options or {}).items()})
+            if sampler:
+                request.sampler = sampler
             result = self.host.run_preview(request, self.session)
         except MergeError as exc:
             return None, "", _html_message(str(exc), "error")
@@ -97,6 +106,21 @@ class ActionHandlers(BoardBase):
             traceback.print_exc()
             return None, "", _html_message(f"preview failed: {type(exc).__name__}: {exc}", "error")
         return result.image, result.infotext, _html_message(self.session.status_line())
+
+    def on_live_image(self, enabled, *args, sampler: Optional[str] = None, options: Optional[dict] = None):
+        """A host that draws its own previews (``live_images``), Live preview on: any change renders
+        the image again. One slider release changes many controls at once and each fires an event,
+        so of the renders that queue up behind the one running, only the newest is drawn."""
+        keep = (_update(), _update(), _update())
+        if not enabled or not getattr(self.host, "live_images", False):
+            return keep
+        with self._render_turn_lock:
+            self._render_turn += 1
+            turn = self._render_turn
+        with self._render_lock:
+            if turn != self._render_turn:
+                return keep
+            return self.on_preview(*args, sampler=sampler, options=options)
 
     def on_compare(self, a_title, b_title, progress=None):
         """Per-block relative difference and cosine of A vs B (the inspector), as a heatmap."""

@@ -55,6 +55,8 @@ class BoardBase:
                     self.param_specs[p.name] = p
         self.param_names = list(self.param_specs)
         self._cancel = threading.Event()
+        # live renders (ActionHandlers.on_live_image): a turn counter, and one render at a time
+        self._render_turn, self._render_turn_lock, self._render_lock = 0, threading.Lock(), threading.Lock()
         self._checkpoints: list[Checkpoint] = []
 
     def log(self, message: str) -> None:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Optional, Protocol, Sequence
 
@@ -68,6 +68,8 @@ class PreviewRequest:
     height: int = 512
     cfg_scale: float = 7.0
     sampler: str = "Euler a"
+    # knobs a host offers beyond these (its ``options``: name, label, default, max), by name
+    options: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -125,20 +125,32 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
             with gr.Row():
                 compare = gr.Button("Compare A and B (per-block difference)", elem_id=f"{ELEM}_compare")
             diff_plot = gr.Plot(label="A vs B per block", elem_id=f"{ELEM}_heatmap")
+            # a host that draws its own previews (the standalone toy host) re-renders on every change
+            live_images = bool(getattr(host, "live_images", False))
             with gr.Group(visible=host.has_sampler, elem_id=f"{ELEM}_preview_group"):
-                live = gr.Checkbox(value=False, label="Live preview: txt2img generations use this merge (restored when off)",
+                live = gr.Checkbox(value=False, label="Live preview: the image follows every change (A is restored when off)"
+                                   if live_images else "Live preview: txt2img generations use this merge (restored when off)",
                                    elem_id=f"{ELEM}_live")
                 with gr.Row():
                     with gr.Column():
                         p_prompt = gr.Textbox(label="Prompt (empty = untitled)", lines=2, elem_id=f"{ELEM}_prompt")
                         p_negative = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{ELEM}_negative")
                         with gr.Row():
-                            p_seed = gr.Number(value=-1, precision=0, label="Seed", elem_id=f"{ELEM}_pseed")
+                            # a live image keeps its seed while sliders move, so the change shown is the merge's
+                            p_seed = gr.Number(value=0 if live_images else -1, precision=0, label="Seed", elem_id=f"{ELEM}_pseed")
                             p_steps = gr.Number(value=20, precision=0, label="Steps", elem_id=f"{ELEM}_steps")
-                            p_cfg = gr.Number(value=7.0, label="CFG", elem_id=f"{ELEM}_cfg")
-                        with gr.Row():
+                            p_cfg = gr.Number(value=5.0 if live_images else 7.0, label="CFG", elem_id=f"{ELEM}_cfg")
+                        with gr.Row(visible=not live_images):  # toy models draw at their own size
                             p_width = gr.Number(value=512 if arch != "sdxl" else 1024, precision=0, label="Width", elem_id=f"{ELEM}_width")
                             p_height = gr.Number(value=512 if arch != "sdxl" else 1024, precision=0, label="Height", elem_id=f"{ELEM}_height")
+                        p_sampler, p_options = None, []
+                        if live_images:
+                            with gr.Row():
+                                p_sampler = gr.Dropdown(choices=list(host.samplers), value=host.samplers[0], label="Sampler",
+                                                        elem_id=f"{ELEM}_sampler")
+                                for name, label, default, top in host.options:
+                                    p_options.append(gr.Slider(0.0, top, step=0.05, value=default, label=label,
+                                                               elem_id=f"{ELEM}_opt_{name}"))
                         preview_btn = gr.Button("Preview", variant="primary", elem_id=f"{ELEM}_preview")
                     with gr.Column():
                         p_image = gr.Image(type="pil", interactive=False, label="Preview", elem_id=f"{ELEM}_image", height=384)
@@ -219,8 +231,31 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
         for control in recipe_inputs:
             control.change(board.on_change, recipe_inputs, [status], show_progress="hidden")
         live.change(board.on_live, [live] + recipe_inputs, [status], show_progress="hidden")
-        preview_btn.click(board.on_preview, [p_prompt, p_negative, p_seed, p_steps, p_width, p_height, p_cfg] + recipe_inputs,
-                          [p_image, p_info, status])
+        preview_inputs = [p_prompt, p_negative, p_seed, p_steps, p_width, p_height, p_cfg] + recipe_inputs
+        if not live_images:
+            preview_btn.click(board.on_preview, preview_inputs, [p_image, p_info, status])
+        else:
+            option_names = [name for name, *_ in host.options]
+            extra = [p_sampler] + p_options
+
+            def split_extra(args):
+                return args[len(extra):], dict(sampler=args[0], options=dict(zip(option_names, args[1:len(extra)])))
+
+            def preview_fn(*args):
+                rest, kw = split_extra(args)
+                return board.on_preview(*rest, **kw)
+
+            def live_fn(enabled, *args):
+                rest, kw = split_extra(args)
+                return board.on_live_image(enabled, *rest, **kw)
+
+            preview_btn.click(preview_fn, extra + preview_inputs, [p_image, p_info, status])
+            # every input of the picture: the recipe, the prompt and seed, the sampler and its knobs
+            for control in recipe_inputs + [p_seed, p_steps, p_cfg] + extra + [live]:
+                control.change(live_fn, [live] + extra + preview_inputs, [p_image, p_info, status], show_progress="hidden")
+            for control in (p_prompt, p_negative):  # a typed prompt renders once it is committed
+                for event in (control.submit, control.blur):
+                    event(live_fn, [live] + extra + preview_inputs, [p_image, p_info, status], show_progress="hidden")
 
         def compare_fn(a, b, progress=gr.Progress()):
             return board.on_compare(a, b, progress)
@@ -252,6 +287,7 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
         recipe_msg=recipe_msg, width=p_width, height=p_height, lora=lora_pick, lora_strength=lora_strength,
         lora_weights=lora_weights, lora_add=lora_add, lora_list=lora_list, extract=extract_btn, extract_name=extract_name,
         extract_rank=extract_rank, extract_overwrite=extract_overwrite, extract_result=extract_result,
+        prompt=p_prompt, preview_seed=p_seed, sampler=p_sampler, options=p_options,
     )
     return ui, board
 

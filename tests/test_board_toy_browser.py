@@ -1,0 +1,135 @@
+"""The standalone board over toy models in headless Chromium: with Live preview on, the preview
+image appears, and moving α, the seed or a guidance knob changes the image's bytes.
+
+The page is served by gradio 4 (this interpreter) and, where tools/dev made it, by gradio 3.41
+(.venv-gradio3, A1111's version), each in its own server process; Playwright drives both from here
+(the gradio 3 environment has no Playwright). Helpers and Chromium flags are the board browser
+test's (tests/test_board_browser.py)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from tests.test_board_browser import ARGS, CHROMIUM, WAIT_MS, _free_port, _pick, _wait_input  # noqa: E402
+from tests.test_board_toy import write_toy_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GRADIO3 = Path(os.environ.get("MERGEBOARD_GRADIO3_PYTHON") or REPO / ".venv-gradio3" / "bin" / "python")
+SERVERS = [pytest.param(sys.executable, id="gradio4"),
+           pytest.param(str(GRADIO3), id="gradio3",
+                        marks=pytest.mark.skipif(not GRADIO3.exists(), reason="no .venv-gradio3 (tools/dev test makes it)"))]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium not installed (tools/dev installs it)")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def toy_board(request, tmp_path_factory):
+    folder = write_toy_folder(tmp_path_factory.mktemp("toy_board"))
+    port = _free_port()
+    log_path = folder.parent / f"board-{port}.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([request.param, "-m", "lib_merge.board_cli", "--models-dir", str(folder), "--port", str(port)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:  # polls a condition: the server answers
+        if proc.poll() is not None:
+            raise RuntimeError(f"the board exited: {log_path.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.terminate()
+        raise RuntimeError("the board did not start within 180 s")
+    yield url, log_path
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+# The preview's bytes as the browser gets them (gradio 4: a served file; gradio 3: a data URL).
+READ_IMAGE = """async () => {
+    const img = document.querySelector('#mergeboard_image img');
+    if (!img || !img.src) return null;
+    const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+    return {src: img.src, bytes: Array.from(bytes)};
+}"""
+
+
+def _image(page, old_src=None) -> tuple[str, str]:
+    """(src, sha256 of the bytes) of the preview once it shows an image other than ``old_src``."""
+    page.wait_for_function("(old) => { const i = document.querySelector('#mergeboard_image img');"
+                           " return i && i.src && i.src !== old && i.complete && i.naturalWidth > 0; }",
+                           arg=old_src, timeout=WAIT_MS * 2)
+    got = page.evaluate(READ_IMAGE)
+    return got["src"], hashlib.sha256(bytes(got["bytes"])).hexdigest()
+
+
+def _commit(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.scroll_into_view_if_needed()
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
+def test_live_preview_image_follows_the_controls(toy_board):
+    url, log_path = toy_board
+    console: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1800})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#mergeboard_live input[type=checkbox]", timeout=90_000)
+            _pick(page, "mergeboard_model_A", "toy-round.safetensors")
+            page.wait_for_selector("#mergeboard_arch [data-model='toy-round.safetensors']", timeout=WAIT_MS)
+            _pick(page, "mergeboard_model_B", "toy-square.safetensors")
+            _commit(page, "mergeboard_steps", "4")  # a short render; live is still off: nothing drawn yet
+
+            page.locator("#mergeboard_live input[type=checkbox]").check()
+            src0, first = _image(page)
+            shots = {first}
+
+            _commit(page, "mergeboard_alpha", "0.9")  # α: the merge changes, so the picture does
+            src1, after_alpha = _image(page, src0)
+            assert after_alpha not in shots
+            shots.add(after_alpha)
+
+            _commit(page, "mergeboard_pseed", "5")  # another seed
+            src2, after_seed = _image(page, src1)
+            assert after_seed not in shots
+            shots.add(after_seed)
+
+            _commit(page, "mergeboard_opt_pag", "3")  # a guidance knob
+            _, after_pag = _image(page, src2)
+            assert after_pag not in shots
+            _wait_input(page, "mergeboard_model_A", "toy-round.safetensors")
+            info = page.locator("#mergeboard_infotext textarea").first.input_value()
+            assert "Seed: 5-8" in info and "PAG scale: 3" in info and "Merge recipe" in info, info
+            status = page.locator("#mergeboard_status").first.inner_text()
+            assert "error" not in status.lower(), status
+        finally:
+            browser.close()
+    errors = [line for line in console if line.startswith(("error", "pageerror"))
+              and "ERR_NAME_NOT_RESOLVED" not in line and "fonts.googleapis.com" not in line]
+    assert not errors, errors
+    assert "Traceback" not in log_path.read_text()
