@@ -101,8 +101,13 @@ def conditioning(model: ToyModel, prompts: Sequence[str], negatives: Sequence[st
     return cond, uncond, same
 
 
+def sample(model: ToyModel, prompts: Sequence[str], **options) -> torch.Tensor:
+    """uint8 images (N, 3, R, R) for ``prompts``: ``sample_pixels`` clipped to [−1, 1] and quantised."""
+    return to_uint8(sample_pixels(model, prompts, **options))
+
+
 @torch.no_grad()
-def sample(
+def sample_pixels(
     model: ToyModel,
     prompts: Sequence[str],
     *,
@@ -114,8 +119,8 @@ def sample(
     negatives: Optional[Sequence[str]] = None,
     untitled: Optional[str] = None,
 ) -> torch.Tensor:
-    """uint8 images (N, 3, R, R) for ``prompts``; ``settings`` are the guidance knobs (default:
-    plain CFG at ``cfg_scale``), ``untitled`` overrides ``settings.untitled``."""
+    """The sampler's final x (N, 3, R, R) in float, unclipped; ``settings`` are the guidance knobs
+    (default: plain CFG at ``cfg_scale``), ``untitled`` overrides ``settings.untitled``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
     settings = settings or GuidanceSettings()
@@ -146,7 +151,7 @@ def sample(
             x = sample_euler(guided, x, sigmas, generator=generator, eta=1.0)
         else:
             x = sample_dpmpp_2m(guided, x, sigmas)
-    return to_uint8(x)
+    return x
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
