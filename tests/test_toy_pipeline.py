@@ -140,3 +140,9 @@ def test_the_family_is_written_in_the_sd1_layout_and_kept_when_unchanged(tmp_pat
     logs.clear()
     again = train_family(tmp_path, plan, threads=1, log=logs.append)
     assert all("kept" in line for line in logs) and again["models"]["base"]["sha256"] == manifest["models"]["base"]["sha256"]
+    # Longer fine-tunes retrain every fine-tune from the same base, which is kept.
+    logs.clear()
+    longer = train_family(tmp_path, replace(plan, shard_steps=2), threads=1, log=logs.append)
+    assert [line.startswith("base: kept") for line in logs] == [True] + [False] * 7
+    assert longer["models"]["base"]["sha256"] == manifest["models"]["base"]["sha256"]
+    assert longer["models"]["paragon"]["sha256"] != manifest["models"]["paragon"]["sha256"]

@@ -69,16 +69,32 @@ def stage_files(plan: FamilyPlan) -> Dict[str, Optional[Shard]]:
     return out
 
 
-def _spec(plan: FamilyPlan, stage: str, config: TrainConfig) -> str:
-    return json.dumps({"plan": asdict(plan), "stage": stage, "train": config.as_dict()}, sort_keys=True)
+def _spec(plan: FamilyPlan, stage: str, config: TrainConfig, parent: Optional[str]) -> dict:
+    """What a stage's weights depend on: the model shape, the data seed, its own training and the
+    file it starts from (a fine-tune of another base is another model). Not the other stages'
+    steps: changing the fine-tunes keeps the base."""
+    return {"model": [plan.resolution, plan.model_channels, list(plan.channel_mult)], "seed": plan.seed,
+            "stage": stage, "train": config.as_dict(), "parent": parent}
 
 
-def _already_trained(path: Path, spec: str) -> bool:
+def _stored_spec(text: Optional[str]) -> Optional[dict]:
+    try:
+        raw = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if "plan" in raw:  # first format: the whole plan was recorded (a base stage: no parent)
+        p = raw["plan"]
+        return {"model": [p["resolution"], p["model_channels"], list(p["channel_mult"])], "seed": p["seed"],
+                "stage": raw["stage"], "train": raw["train"], "parent": None}
+    return raw
+
+
+def _already_trained(path: Path, spec: dict) -> bool:
     if not path.exists():
         return False
     try:
         with open_checkpoint(path) as reader:
-            return (reader.metadata or {}).get(SPEC_KEY) == spec
+            return _stored_spec((reader.metadata or {}).get(SPEC_KEY)) == spec
     except Exception:  # a damaged or foreign file is retrained (the writer replaces it atomically)
         return False
 
@@ -99,7 +115,8 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
             config = plan.base()
         else:
             config = plan.finetune(plan.shard_steps * (n_shards if stem == "paragon" else 1))
-        spec = _spec(plan, stem, config)
+        parent = None if stem == "base" else sha256_file(base_path, use_cache=False)
+        spec = _spec(plan, stem, config, parent)
         started = time.perf_counter()
         if _already_trained(path, spec):
             log(f"{stem}: kept {path.name} (same training spec)")
@@ -111,7 +128,7 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
                         progress=(lambda step, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}")) if bar else None)
             if bar is not None:
                 bar.close()
-            save_toy_checkpoint(ema, path, metadata={SPEC_KEY: spec}, overwrite=True)
+            save_toy_checkpoint(ema, path, metadata={SPEC_KEY: json.dumps(spec, sort_keys=True)}, overwrite=True)
             seconds = time.perf_counter() - started
             log(f"{stem}: {config.steps} steps × {config.batch} in {seconds:.0f} s → {path}")
         manifest["models"][stem] = {
