@@ -53,7 +53,7 @@ class FamilyPlan:
 # into level 2) at 1.5 M parameters, so two shipped fp16 models fit in 8 MB.
 PLANS: Dict[str, FamilyPlan] = {
     "full": FamilyPlan(resolution=16, model_channels=16, channel_mult=(1, 2, 3, 3), base_steps=3000,
-                       shard_steps=250, batch=32, base_lr=1e-3, finetune_lr=3e-4),
+                       shard_steps=200, batch=32, base_lr=1e-3, finetune_lr=3e-4),
     "quick": FamilyPlan(resolution=16, model_channels=16, channel_mult=(1, 2, 3, 3), base_steps=40,
                         shard_steps=6, batch=8, base_lr=1e-3, finetune_lr=3e-4),
 }
