@@ -145,3 +145,44 @@ def test_a_non_toy_model_a_is_one_sentence(board, toy_dir, tmp_path):
     finally:
         target.unlink()
     assert image is None and "not a toy model" in status and "Traceback" not in status
+
+
+def test_queued_live_renders_draw_only_the_newest(board):
+    """Events that arrive while a render runs wait for it; when it ends only the newest draws."""
+    import threading
+
+    results: dict[float, tuple] = {}
+
+    def render(alpha):
+        results[alpha] = board.on_live_image(True, PROMPT, "", 7, STEPS, 512, 512, 5.0, *_values(board, alpha),
+                                             sampler="Euler")
+
+    threads = []
+    with board._render_lock:  # a render in progress
+        for n, alpha in enumerate((0.1, 0.4, 0.7), start=1):
+            threads.append(threading.Thread(target=render, args=(alpha,)))
+            threads[-1].start()
+            while board._render_turn < n:  # each has taken its turn before the next arrives
+                threading.Event().wait(0.01)
+    for t in threads:
+        t.join(60)
+    for alpha in (0.1, 0.4):
+        assert all(isinstance(o, dict) and "value" not in o for o in results[alpha])  # skipped: image left alone
+    image, info, _ = results[0.7]
+    assert np.asarray(image).ndim == 3 and '"alpha":0.7' in info
+
+
+def test_a_merged_toy_file_as_a_draws_at_the_family_size(board, toy_dir):
+    """A board-saved merge has the engine's metadata, not the toy config: its size comes from B."""
+    merged = toy_dir / "saved_merge.safetensors"
+    merge(Recipe("weighted_sum", (str(toy_dir / "toy-round.safetensors"), str(toy_dir / "toy-square.safetensors")),
+                 alpha=0.5), merged)
+    try:
+        board.checkpoints(refresh=True)
+        image, info, status = board.on_preview(PROMPT, "", 1, STEPS, 512, 512, 5.0,
+                                               *_values(board, a="saved_merge.safetensors"), sampler="Euler")
+    finally:
+        merged.unlink()
+        board.checkpoints(refresh=True)
+    assert image is not None, status
+    assert np.asarray(image).shape[0] == 16 * host_toy.SCALE + 8 and "Size: 16x16" in info
