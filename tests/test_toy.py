@@ -2,6 +2,8 @@
 the real SD1 layout that lib_merge detects, maps onto 26 blocks, merges and inspects unchanged."""
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 import time
@@ -26,6 +28,7 @@ from lib_merge.toy import (
     save_toy_checkpoint,
 )
 from lib_merge.toy.data import COLOURS, SHAPES, TEXTURES, VALUES, combinations
+from lib_merge.toy.model import FAMILY_RESOLUTION
 from tests.files import load_tensors
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -212,8 +215,10 @@ def test_cli_merge_with_block_weights_and_inspect(toy_files, capsys):
         expected = torch.lerp(ta[key], tb[key], alpha)
         assert torch.allclose(tm[key].float(), expected, rtol=2e-3, atol=2e-4), (key, alpha)
     # The merged file lost our config metadata; the loader rebuilds it from the shapes.
+    # Shapes cannot tell the image size: the family's, unless the caller names it.
     merged = load_toy_checkpoint(out)
-    assert merged.config == ToyConfig()
+    assert merged.config == dataclasses.replace(ToyConfig(), resolution=FAMILY_RESOLUTION)
+    assert load_toy_checkpoint(out, resolution=32).config == ToyConfig()
     with torch.no_grad():
         eps = merged(torch.zeros(2, 3, 32, 32), torch.tensor([1, 999]), ["", "red circle"])
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()

@@ -36,6 +36,9 @@ _TOY_HEADS = 4  # per text-encoder attention layer; not visible in tensor shapes
 # One head per U-Net attention layer: at 16-32 channels, four heads of 4-8 dims made torch's CPU
 # attention kernel 46 % of a forward; one head runs a training step 2.4× faster.
 _UNET_HEADS = 1
+# The size the trained family works at (toy.family.PLANS): what a merge output without our
+# metadata is sampled at unless the caller says otherwise.
+FAMILY_RESOLUTION = 16
 _TOY_GROUPS = 8  # GroupNorm groups; SD1's 32 would leave one channel a group at 32 channels
 
 
@@ -165,13 +168,17 @@ def save_toy_checkpoint(
         raise
 
 
-def load_toy_checkpoint(path: str | os.PathLike[str]) -> ToyModel:
+def load_toy_checkpoint(path: str | os.PathLike[str], *, resolution: int | None = None) -> ToyModel:
     """A ``ToyModel`` (fp32, eval) from a toy file or any merge of toy files: the config comes
-    from the file's metadata when it has ours, else from its tensor shapes."""
+    from the file's metadata when it has ours, else from its tensor shapes. Shapes do not say the
+    image size a model was trained at: ``resolution`` gives it for such a file (a merge output;
+    default: the trained family's, ``FAMILY_RESOLUTION``) and overrides the metadata's."""
     with open_checkpoint(path) as reader:
         text = (reader.metadata or {}).get(METADATA_KEY)
         try:
-            config = ToyConfig.from_json(text) if text else ToyConfig.from_shapes(reader.shapes())
+            config = ToyConfig.from_json(text) if text else ToyConfig.from_shapes(reader.shapes(), FAMILY_RESOLUTION)
+            if resolution is not None:
+                config = replace(config, resolution=int(resolution))
             model = ToyModel(config)
         except (ValueError, TypeError, KeyError, RuntimeError) as exc:
             # A real SD1 file gets this far: its widths fit no toy U-Net or tokenizer.
