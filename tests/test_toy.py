@@ -266,7 +266,7 @@ def test_soup_of_toy_checkpoints_adds_removes_and_loads(toy_files, tmp_path):
     key = UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     assert torch.allclose(ts[key].float(), (ta[key] + tb[key]) / 2, rtol=2e-3, atol=2e-4)
     assert torch.equal(ts[TEXT + "embeddings.position_ids"], ta[TEXT + "embeddings.position_ids"])
-    assert load_toy_checkpoint(out).config == ToyConfig()
+    assert load_toy_checkpoint(out, resolution=32).config == ToyConfig()
 
 
 def test_live_merge_patches_a_loaded_toy_model_and_restores_it(toy_files):
