@@ -107,12 +107,12 @@ def test_preview_draws_the_saved_merge_and_restores_a(board, toy_dir, tmp_path):
 
 def test_guidance_knobs_and_untitled_reach_the_sampler(board, toy_dir):
     a = load_toy_checkpoint(toy_dir / "toy-round.safetensors")
-    from lib_merge.guidance.settings import GuidanceSettings
+    from lib_merge.toy.sampling import toy_guidance
 
     knobs = dict(cfgpp=0.6, pag=3.0, seg=3.0)
     image, info, _ = _preview(board, alpha=0.0, prompt="", options=knobs)
     expected = _expected(a, prompt="", untitled="empty",
-                         settings=GuidanceSettings(cfgpp=0.6, pag_scale=3.0, seg_scale=3.0))
+                         settings=toy_guidance(cfgpp=0.6, pag_scale=3.0, seg_scale=3.0))
     assert np.array_equal(np.asarray(image), expected)
     assert "untitled" in info and "CFG++ λ: 0.6" in info and "PAG scale: 3" in info
     plain, _, _ = _preview(board, alpha=0.0, prompt="")

@@ -34,6 +34,9 @@ def add_toy_parser(sub) -> None:
     sa.add_argument("--cfgpp", type=float, default=0.0, help="CFG++ λ (0 = off)")
     sa.add_argument("--pag", type=float, default=0.0, help="PAG scale")
     sa.add_argument("--seg", type=float, default=0.0, help="SEG scale (σ = ∞)")
+    sa.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: these models are too small for two to pay off, and on a busy "
+                    "machine two wait on each other)")
     ev = ts.add_parser("evidence", help="train (or reuse) the family, run every comparison, write docs/evidence.md")
     ev.add_argument("--quick", action="store_true", help="tiny settings (≈ 3 min): checks the pipeline, not the claims")
     ev.add_argument("--work", default=None, help="folder for models and intermediate files (default toy_evidence[_quick])")
@@ -70,15 +73,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from ..guidance.settings import GuidanceSettings
     from .model import load_toy_checkpoint
     from .png import grid, write_png
-    from .sampling import sample
+    from .sampling import sample, toy_guidance
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     model = load_toy_checkpoint(args.model)
     untitled = args.untitled or ("off" if args.prompt else "empty")
     prompts = args.prompt or [""]
-    settings = GuidanceSettings(cfgpp=args.cfgpp, pag_scale=args.pag, seg_scale=args.seg)
+    settings = toy_guidance(cfgpp=args.cfgpp, pag_scale=args.pag, seg_scale=args.seg)
     rows = [sample(model, [p] * args.count, seed=args.seed, steps=args.steps, sampler=args.sampler,
                    cfg_scale=args.cfg, settings=settings, untitled=untitled) for p in prompts]
     path = write_png(args.output, grid(rows))

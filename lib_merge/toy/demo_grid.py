@@ -101,7 +101,7 @@ def make_demo_grid(
 
 def _make(a: Path, b: Path, out_dir: Path, prompts: list[str], seed: int, steps: int, log, start: float) -> DemoGrid:
     from ..engine import merge
-    from ..guidance.settings import GuidanceSettings
+    from .sampling import toy_guidance
     from .model import load_toy_checkpoint
     from .png import grid, write_png
     from .sampling import sample
@@ -134,7 +134,7 @@ def _make(a: Path, b: Path, out_dir: Path, prompts: list[str], seed: int, steps:
     rows.append(sample(half, [""] * n, seed=seed, steps=steps, cfg_scale=CFG, untitled="empty"))
     labels.append("untitled α=0.5, CFG++ λ0.6 + PAG 3 + SEG 3 at CFG 1")
     rows.append(sample(half, [""] * n, seed=seed, steps=steps, cfg_scale=STACK_CFG, untitled="empty",
-                       settings=GuidanceSettings(**STACK)))
+                       settings=toy_guidance(**STACK)))
     path = write_png(out_dir / "toy_grid.png", grid(rows, scale=6))
     legend = "rows: " + " | ".join(labels) + f"; columns: {n} prompts, seed {seed}, {steps} Euler steps, CFG {CFG:g}"
     return DemoGrid(path, legend, rows, labels, time.perf_counter() - start)

@@ -22,12 +22,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..guidance.settings import GuidanceSettings
 from .evaluate import CORE, Evaluator, Protocol, Score
 from .family import PLANS, FamilyPlan, train_family
 from .model import load_toy_checkpoint
 from .png import grid, write_png
-from .sampling import sample
+from .sampling import TOY_PERTURBATION_LAYERS, sample, toy_guidance
 from .shards import AESTHETIC_SHARDS, DOMAIN_SHARDS, SHARD_FAMILIES
 
 
@@ -63,6 +62,7 @@ GUIDANCE_ROWS = {
     "CFG rescale φ 0.7": dict(rescale_phi=0.7),
     "dynamic thresholding (mimic 5)": dict(dynthres_enabled=True, dynthres_mimic_scale=5.0),
     "seed stack: CFG++ + PAG + SEG": SEED_STACK,
+    "PAG 3 at M00 (the WebUI's layer; 2×2 tokens here)": dict(pag_scale=3.0, pag_layers="M00"),
 }
 
 
@@ -260,6 +260,9 @@ def _header(report: Report, plan: EvidencePlan, quick: bool, accuracy: Dict[str,
         f"`lib_merge.toy.sampling` (the guidance stack and hooks the WebUI adapters use). Prompts: {p.prompts} captions "
         f"from the training split's grammar and {p.prompts} held-out combinations (shape × colour × texture never "
         "trained on).", "",
+        "Training (one thread; wall time as measured on this machine while other jobs shared it): " +
+        ", ".join(f"{stem} {m['steps']} steps" + (f" in {m['seconds']:.0f} s" if m.get("seconds") else "")
+                  for stem, m in manifest["models"].items()) + ".", "",
         "Classifier accuracy on held-out real images: " +
         ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + ".", "",
     )
@@ -352,10 +355,11 @@ def _guidance(report, ev: Evaluator, load, model_path: Path) -> None:
                "On the domain soup. *Untitled* (empty prompt, CFG 1 — with no prompt CFG has nothing to push "
                "against, so what moves the yield is the perturbation guidance): the seed's claim is about 2 in 10 "
                "legit images with CFG++ + PAG + SEG on a strong merge and far fewer without. *Prompted*: the "
-               "same method added to CFG at the protocol's scale, on the prompt set. Equal steps everywhere.", "")
+               "same method added to CFG at the protocol's scale, on the prompt set. Equal steps everywhere. "
+               f"PAG and SEG perturb `{TOY_PERTURBATION_LAYERS}` (see `toy.sampling.TOY_PERTURBATION_LAYERS`).", "")
     rows, images = [], []
     for name, knobs in GUIDANCE_ROWS.items():
-        settings = GuidanceSettings(**knobs)
+        settings = toy_guidance(**knobs)
         u = ev.untitled(model, settings, cfg=1.0, keep_images=True)
         p = ev.prompted(model, settings)
         rows.append([name, u.fmt("yield"), u.fmt("frechet", 2), p.fmt("adherence"), p.fmt("frechet", 2)])
@@ -368,7 +372,7 @@ def _guidance(report, ev: Evaluator, load, model_path: Path) -> None:
     for name, knobs, cfg in (("CFG", {}, high), ("APG (η 0, r 5, β −0.5)", dict(apg_enabled=True), high),
                              (f"CFG {ev.protocol.cfg_scale:g} (reference)", {}, None),
                              ("CFG 1 (no guidance)", {}, 1.0), ("NAG at CFG 1 (φ 5)", dict(nag_scale=5.0), 1.0)):
-        s = ev.prompted(model, GuidanceSettings(**knobs), cfg=cfg)
+        s = ev.prompted(model, toy_guidance(**knobs), cfg=cfg)
         rows.append([name, s.fmt("adherence"), s.fmt("frechet", 2), s.fmt("saturation"), s.fmt("clipped")])
     report.table(["setting", "adherence", "Fréchet ↓", "saturation", "clipped share"], rows)
 

@@ -108,6 +108,7 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
         raise ValueError(f"families differ in shard count {shards_per_family}: one paragon cannot match both")
     n_shards = next(iter(shards_per_family.values()))
     manifest = {"plan": asdict(plan), "threads": threads, "models": {}}
+    previous = _previous_manifest(out_dir / MANIFEST)
     base_path = out_dir / "base.safetensors"
     for stem, shard in stage_files(plan).items():
         path = out_dir / f"{stem}.safetensors"
@@ -120,7 +121,9 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
         started = time.perf_counter()
         if _already_trained(path, spec):
             log(f"{stem}: kept {path.name} (same training spec)")
-            seconds = None
+            # The time it took when it was trained, if the last manifest recorded this very file.
+            before = previous.get(stem, {})
+            seconds = before.get("seconds") if before.get("sha256") == sha256_file(path, use_cache=False) else None
         else:
             model = build_toy_model(plan.seed, plan.model_config()) if stem == "base" else load_toy_checkpoint(base_path)
             bar = progress_factory(stem, config.steps) if progress_factory else None
@@ -137,6 +140,13 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
         }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _previous_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def plan_with(name: str, **overrides) -> FamilyPlan:

@@ -30,6 +30,18 @@ from .model import ToyModel
 SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 UNTITLED = ("off", "empty", "zero", "gibberish")
 GIBBERISH_WORDS = 8  # the toy tokenizer's context holds 14 words
+# Where PAG and SEG perturb self-attention on a toy model. The WebUI default, SD1's middle block
+# (M00), sees 8×8 tokens at 512 px; at 16×16 pixels it sees 2×2, where replacing attention by
+# identity changes a sample by < 1e-3. IN05, the encoder's last attention at 8×8 tokens, is the
+# toy's counterpart by token count.
+TOY_PERTURBATION_LAYERS = "IN05"
+
+
+def toy_guidance(**knobs) -> GuidanceSettings:
+    """``GuidanceSettings`` for a toy model: PAG/SEG on ``TOY_PERTURBATION_LAYERS`` unless given."""
+    knobs.setdefault("pag_layers", TOY_PERTURBATION_LAYERS)
+    knobs.setdefault("seg_layers", TOY_PERTURBATION_LAYERS)
+    return GuidanceSettings(**knobs)
 
 
 def discrete_sigmas(denoiser: EpsDenoiser, steps: int) -> torch.Tensor:

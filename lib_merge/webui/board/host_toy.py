@@ -147,7 +147,7 @@ class ToyHost(StandaloneHost):
         return PreviewResult(image, info + (f", Merge recipe: {recipe_infotext(shown)}" if shown is not None else ""))
 
     def _draw(self, request: PreviewRequest) -> tuple[Any, str]:
-        from ...guidance.settings import GuidanceSettings
+        from ...toy.sampling import toy_guidance
         from ...toy.png import grid
         from ...toy.sampling import sample
 
@@ -156,7 +156,7 @@ class ToyHost(StandaloneHost):
         seed = request.seed if request.seed >= 0 else random.randrange(2**31 - IMAGES)
         steps = max(1, min(int(request.steps), 150))
         cfgpp, pag, seg = (float(options.get(name, 0.0) or 0.0) for name, *_ in OPTIONS)
-        settings = GuidanceSettings(cfgpp=cfgpp, pag_scale=pag, seg_scale=seg)  # out of range: BadParameterError
+        settings = toy_guidance(cfgpp=cfgpp, pag_scale=pag, seg_scale=seg)  # out of range: BadParameterError
         prompt = request.prompt.strip()
         untitled = "off" if prompt else "empty"
         images = sample(self._model, [prompt] * IMAGES, seed=seed, steps=steps, sampler=SAMPLERS[sampler],
