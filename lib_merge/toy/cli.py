@@ -21,6 +21,8 @@ def add_toy_parser(sub) -> None:
     tr.add_argument("--base-steps", type=int)
     tr.add_argument("--shard-steps", type=int)
     tr.add_argument("--threads", type=int, default=2, help="torch threads (results are reproducible per count)")
+    tr.add_argument("--export-pretrained", metavar="DIR",
+                    help="also write the demo's two models (fp16 toy-round, toy-square) into DIR, e.g. lib_merge/toy/pretrained")
     sa = ts.add_parser("sample", help="a PNG grid from one toy checkpoint through the guidance stack")
     sa.add_argument("model")
     sa.add_argument("-o", "--output", required=True, help="PNG path")
@@ -69,6 +71,11 @@ def _train(args: argparse.Namespace) -> int:
                             log=lambda m: print(m, file=sys.stderr), progress_factory=bars)
     for stem, entry in manifest["models"].items():
         print(f"{entry['sha256']}  {Path(args.out) / entry['file']}")
+    if args.export_pretrained:
+        from .family import export_pretrained
+
+        for name, sha in export_pretrained(Path(args.out), Path(args.export_pretrained)).items():
+            print(f"{sha}  {Path(args.export_pretrained) / (name + '.safetensors')}")
     return 0
 
 

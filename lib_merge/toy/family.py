@@ -142,6 +142,27 @@ def train_family(out_dir: Path, plan: FamilyPlan, *, threads: int = 2,
     return manifest
 
 
+# What the demo ships (lib_merge/toy/pretrained/): two domain shard models, as model A and B.
+PRETRAINED = {"toy-round": "domain-round", "toy-square": "domain-square"}
+
+
+def export_pretrained(models_dir: Path, target: Path) -> Dict[str, str]:
+    """Write the shipped models as fp16 copies of the family's shard models (3 MB each; the
+    8 MB budget of the package) with their training spec; returns name → sha256."""
+    import torch
+
+    target.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, stem in PRETRAINED.items():
+        source = models_dir / f"{stem}.safetensors"
+        with open_checkpoint(source) as reader:
+            spec = (reader.metadata or {}).get(SPEC_KEY)
+        path = save_toy_checkpoint(load_toy_checkpoint(source), target / f"{name}.safetensors", dtype=torch.float16,
+                                   metadata={SPEC_KEY: spec} if spec else None, overwrite=True)
+        out[name] = sha256_file(path, use_cache=False)
+    return out
+
+
 def _previous_manifest(path: Path) -> dict:
     try:
         return json.loads(path.read_text()).get("models", {})
