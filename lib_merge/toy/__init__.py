@@ -2,28 +2,21 @@
 enough to train on a CPU, so merges, block weights, soups and the board can be judged by what
 the merged model draws rather than by weight statistics alone.
 
-Built so far:
+Modules:
 
-* ``data``: a seeded generator of 32×32 (or 16×16) RGB images of shapes with captions from a
-  small grammar (shape, colour, size, position, background texture, and a style family of
-  palette / outline / shading for aesthetic shards); every image carries its attributes, and a
-  held-out split of (shape, colour, texture) combinations that training never draws.
-* ``tokenizer``: word-level, over the grammar's vocabulary; the empty prompt is valid.
-* ``text_encoder``: a small CLIP-like transformer with SD1's text-encoder key names.
-* ``model``: U-Net (ldm layout, SD1 structure, reduced width, pixel space) + text encoder as
-  one module whose state dict is an SD1-layout checkpoint; save/load through lib_merge's writer.
-
-Planned (issue 11, items 3-7, not built yet):
-
-* training: ε-prediction DDPM training on CPU from one shared base, then fine-tunes on data
-  shards (by shape, colour or style) to make a family of related checkpoints, as Diffusion Soup
-  does;
-* sampling: a deterministic sampler (the project's k-diffusion-style samplers over the SD
-  discrete schedule) with classifier-free guidance against the empty prompt;
-* metrics: a small attribute classifier trained on the generator's ground truth, scoring how
-  often a sample shows the attributes its prompt asked for, on training and held-out prompts;
-* experiments: merges, block weights and soup add/remove judged by those scores, against the
-  shard models and a model trained on the union.
+* ``data`` / ``shards``: a seeded generator of small RGB images with captions from a small
+  grammar, every image carrying its attributes, a held-out split of (shape, colour, texture)
+  combinations training never draws, and the domain (shape family) and aesthetic (palette)
+  shards of the Diffusion Soup comparison.
+* ``tokenizer``, ``text_encoder``, ``model``: word-level tokenizer, a small CLIP-like text
+  encoder with SD1's key names, and the U-Net (ldm layout, SD1 structure, reduced width, pixel
+  space) as one module whose state dict is an SD1-layout checkpoint.
+* ``train`` / ``family``: deterministic ε-prediction training; the base, shard fine-tunes and
+  paragon with equal compute (``python -m lib_merge toy train``).
+* ``sampling``: samplers through the project's guidance stack (the WebUI adapters' path).
+* ``classifier`` / ``metrics`` / ``evaluate`` / ``evidence``: the attribute classifier, the
+  analogue metrics (adherence, Fréchet distance, untitled yield) and ``toy evidence``.
+* ``png`` / ``demo_grid``: PNG grids, the demo's picture from the shipped ``pretrained`` models.
 """
 from __future__ import annotations
 
