@@ -238,10 +238,20 @@ def make_batch(n: int, *, seed: int, split: str = "train", resolution: int = 32,
     """Samples ``start .. start+n-1`` of the stream (``seed``, ``split``): same arguments, same bytes."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose train or heldout")
-    images, attrs = [], []
-    for index in range(start, start + n):
+
+    def draw(index: int):
         gen = torch.Generator().manual_seed(_sample_seed(seed, split, index))
-        a = sample_attributes(gen, split)
+        return gen, sample_attributes(gen, split)
+
+    return render_stream(range(start, start + n), draw, resolution)
+
+
+def render_stream(indices, draw, resolution: int) -> Batch:
+    """A batch of the samples ``indices`` of a stream: ``draw(i)`` gives sample i's generator and
+    attributes; the position/rotation jitter then comes from that same generator."""
+    images, attrs = [], []
+    for index in indices:
+        gen, a = draw(index)
         jitter = tuple((torch.rand(3, generator=gen) * torch.tensor([0.08, 0.08, 1.0]) - torch.tensor([0.04, 0.04, 0.0])).tolist())
         images.append(render(a, resolution, jitter=jitter))
         attrs.append(a)

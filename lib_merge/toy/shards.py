@@ -18,7 +18,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from .data import VALUES, Attributes, Batch, render, sample_attributes
+from .data import VALUES, Attributes, Batch, render_stream, sample_attributes
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,12 @@ def shard_attributes(gen: torch.Generator, shard: Shard | None) -> Attributes:
 def make_shard_batch(n: int, *, seed: int, shard: Shard | None, resolution: int = 16, start: int = 0) -> Batch:
     """Samples ``start .. start+n-1`` of the shard's training stream (``shard=None``: the union)."""
     name = shard.name if shard is not None else "union"
-    images, attrs = [], []
-    for index in range(start, start + n):
+
+    def draw(index: int):
         gen = torch.Generator().manual_seed(_sample_seed(seed, name, index, 0))
-        a = shard_attributes(gen, shard)
-        jitter = tuple((torch.rand(3, generator=gen) * torch.tensor([0.08, 0.08, 1.0]) - torch.tensor([0.04, 0.04, 0.0])).tolist())
-        images.append(render(a, resolution, jitter=jitter))
-        attrs.append(a)
-    stacked = torch.stack(images) if images else torch.zeros(0, 3, resolution, resolution)
-    return Batch(images=(stacked * 255).round().to(torch.uint8), attributes=tuple(attrs))
+        return gen, shard_attributes(gen, shard)
+
+    return render_stream(range(start, start + n), draw, resolution)
 
 
 def shard_by_name(name: str) -> Shard:
