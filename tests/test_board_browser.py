@@ -79,9 +79,18 @@ FIELD = "document.querySelector('#mergeboard_weights textarea, #mergeboard_weigh
 
 def _pick(page, elem_id: str, value: str) -> None:
     """Choose a dropdown option (gradio 4: role=option; gradio 3: data-testid=dropdown-option) and
-    wait until the dropdown shows it."""
-    page.click(f"#{elem_id} input")
-    page.locator(f"#{elem_id} li[role=option]:text-is('{value}'), #{elem_id} [data-value='{value}']").first.click()
+    wait until the dropdown shows it. On a loaded machine the open list can re-render under the
+    click (Playwright: "element was detached from the DOM"); the list is then opened again."""
+    option = page.locator(f"#{elem_id} li[role=option]:text-is('{value}'), #{elem_id} [data-value='{value}']").first
+    for attempt in range(3):
+        page.click(f"#{elem_id} input")
+        try:
+            option.click(timeout=WAIT_MS // 3)
+            break
+        except sync_api.TimeoutError:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     _wait_input(page, elem_id, value)
 
 
