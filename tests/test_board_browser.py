@@ -7,6 +7,7 @@ late model-A update reset model B and the save never came). The screenshot goes 
 temporary folder; MERGEBOARD_SCREENSHOT=docs/board.png (a path) refreshes the README's picture."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -40,38 +41,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving_board(python: str, folder: Path):
+    """``python -m lib_merge.board_cli`` over ``folder`` on a free port: yields (url, log path) once
+    the server answers, and stops it after."""
+    port = _free_port()
+    log_path = folder.parent / f"board-{port}.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([python, "-m", "lib_merge.board_cli", "--models-dir", str(folder), "--port", str(port)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 180
+        while time.time() < deadline:  # polls a condition: the server answers
+            if proc.poll() is not None:
+                raise RuntimeError(f"the board exited: {log_path.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("the board did not start within 180 s")
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def board_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("board_models")
     ensure_demo_models(folder)
-    port = _free_port()
-    log_path = folder.parent / "board.log"
-    log = open(log_path, "w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lib_merge.board_cli", "--models-dir", str(folder), "--port", str(port)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:  # polls a condition: the server answers
-        if proc.poll() is not None:
-            raise RuntimeError(f"the board exited: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.terminate()
-        raise RuntimeError("the board did not start within 180 s")
-    yield url, folder, log_path
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serving_board(sys.executable, folder) as (url, log_path):
+        yield url, folder, log_path
 
 
 FIELD = "document.querySelector('#mergeboard_weights textarea, #mergeboard_weights input')"

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import pytest
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from tests.test_board_browser import ARGS, CHROMIUM, WAIT_MS, _free_port, _pick, _wait_input  # noqa: E402
+from tests.test_board_browser import ARGS, CHROMIUM, WAIT_MS, _pick, _wait_input, serving_board  # noqa: E402
 from tests.test_board_toy import write_toy_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,32 +32,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium n
 @pytest.fixture(scope="module", params=SERVERS)
 def toy_board(request, tmp_path_factory):
     folder = write_toy_folder(tmp_path_factory.mktemp("toy_board"))
-    port = _free_port()
-    log_path = folder.parent / f"board-{port}.log"
-    log = open(log_path, "w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([request.param, "-m", "lib_merge.board_cli", "--models-dir", str(folder), "--port", str(port)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:  # polls a condition: the server answers
-        if proc.poll() is not None:
-            raise RuntimeError(f"the board exited: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.terminate()
-        raise RuntimeError("the board did not start within 180 s")
-    yield url, log_path
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serving_board(request.param, folder) as served:
+        yield served
 
 
 # The preview's bytes as the browser gets them (gradio 4: a served file; gradio 3: a data URL).
