@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import re
 import pytest
 import torch
 
@@ -290,3 +291,21 @@ def test_live_merge_patches_a_loaded_toy_model_and_restores_it(toy_files):
     finally:
         live.close()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_and_loads_nothing():
+    from lib_merge.toy.classifier import build_classifier
+    from lib_merge.toy.model import load_checked_state
+
+    for module, config_name in ((build_toy_model(0, ToyConfig()), "the toy config"), (build_classifier(0), "the config")):
+        state = {k: v.clone() + 1 for k, v in module.state_dict().items()}
+        bad = next(k for k, v in state.items() if v.ndim == 2)
+        state[bad] = state[bad][:, :1]
+        reader = type("Reader", (), {"get": lambda self, key: state[key]})()
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"x\.safetensors: {re.escape(bad)} has shape .*{config_name} expects"):
+            load_checked_state(module, reader, "x.safetensors", config_name)
+        assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+        state[bad] = before[bad] + 1
+        load_checked_state(module, reader, "x.safetensors", config_name)
+        assert torch.equal(module.state_dict()[bad], before[bad] + 1)

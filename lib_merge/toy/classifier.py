@@ -26,6 +26,7 @@ from torch import nn
 from ..io.reader import open_checkpoint
 from ..io.writer import SafetensorsWriter
 from .data import ATTRIBUTE_NAMES, VALUES, make_batch
+from .model import load_checked_state
 
 METADATA_KEY = "mergeboard.toy.classifier"
 
@@ -241,11 +242,5 @@ def load_classifier(path: str | os.PathLike[str]) -> AttributeClassifier:
         if keys != set(expected):
             missing = sorted(set(expected) - keys) or sorted(keys - set(expected))
             raise ValueError(f"{path}: keys do not match the classifier's config, e.g. {missing[0]!r}")
-        state = {}
-        for key, ref in expected.items():
-            t = reader.get(key)
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the config expects {tuple(ref.shape)}")
-            state[key] = t.to(ref.dtype)
-        clf.load_state_dict(state, strict=True)
+        load_checked_state(clf, reader, path, "the config")
     return clf.eval()

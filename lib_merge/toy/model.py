@@ -187,11 +187,17 @@ def load_toy_checkpoint(path: str | os.PathLike[str], *, resolution: int | None 
         missing = sorted(set(expected) - set(reader.keys()))
         if missing:
             raise ValueError(f"{path}: not a complete toy checkpoint; missing {len(missing)} keys, e.g. {missing[0]!r}")
-        state = {}
-        for key, ref in expected.items():
-            t = reader.get(key)
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the toy config expects {tuple(ref.shape)}")
-            state[key] = t.to(ref.dtype)
-        model.load_state_dict(state, strict=True)
+        load_checked_state(model, reader, path, "the toy config")
     return model.eval()
+
+
+def load_checked_state(module: nn.Module, reader, path, config_name: str) -> None:
+    """Fill ``module`` from an open checkpoint, key by key, each tensor's shape checked against
+    the module's (a mismatch names the key and ``config_name``) and cast to its dtype."""
+    state = {}
+    for key, ref in module.state_dict().items():
+        t = reader.get(key)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {config_name} expects {tuple(ref.shape)}")
+        state[key] = t.to(ref.dtype)
+    module.load_state_dict(state, strict=True)
