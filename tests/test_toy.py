@@ -3,13 +3,12 @@ the real SD1 layout that lib_merge detects, maps onto 26 blocks, merges and insp
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
-import re
 import pytest
 import torch
 
