@@ -150,8 +150,10 @@ def _save(page, name: str) -> None:
     _wait_text(page, "#mergeboard_save_result", f"saved {name}.safetensors", timeout=180_000)
 
 
-def test_board_in_chromium(board_url, tmp_path):
-    url, folder, log_path = board_url
+@contextlib.contextmanager
+def board_page(url: str, ready: str):
+    """A Chromium page on the board at ``url``, once ``ready`` (a selector) is on it; yields
+    (page, console lines). The browser closes after."""
     console: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -160,69 +162,83 @@ def test_board_in_chromium(board_url, tmp_path):
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#mergeboard_w_IN04 input[type=range]", timeout=90_000)
-            _pick(page, "mergeboard_model_A", "sd15_base.safetensors")
-            # model A's handler rewrites the pickers: wait for it before picking B
-            page.wait_for_selector("#mergeboard_arch [data-model='sd15_base.safetensors']", timeout=WAIT_MS)
-            _pick(page, "mergeboard_model_B", "sd15_anime.safetensors")
-
-            # a preset fills the string and the sliders; the dropdown names it
-            _pick(page, "mergeboard_preset", "GRAD_V")
-            _wait_weights(page, "f[0] === '0' && f[1] === '1'")
-            before = _weights(page)
-            assert len(before) == SD1_BLOCKS
-            _wait_slider(page, "IN00", float(before[1]))
-
-            # drag IN04: the string follows (JS while dragging, the server on release), the preset says "custom"
-            _drag(page, "IN04", 0.9)
-            _wait_weights(page, "f[5] !== arg", arg=before[5])
-            _wait_input(page, "mergeboard_preset", "custom")
-            dragged = _weights(page)
-            assert float(dragged[5]) > float(before[5]) + 0.1
-            assert dragged[:5] == before[:5] and dragged[6:] == before[6:]
-            assert abs(_slider(page, "IN04") - float(dragged[5])) < 1e-6
-
-            _save(page, "browser_merge")
-            # the new file is offered in the pickers without pressing Refresh
-            page.get_by_text("Load a recipe from a merged file").click()  # open the accordion
-            page.click("#mergeboard_recipe_src input")
-            page.wait_for_selector("#mergeboard_recipe_src li[role=option]:text-is('browser_merge.safetensors'), "
-                                   "#mergeboard_recipe_src [data-value='browser_merge.safetensors']", timeout=WAIT_MS)
-            page.keyboard.press("Escape")
-
-            # item 13: α typed and committed with Enter sets every block — sliders, string and the saved file
-            alpha = page.locator("#mergeboard_alpha input[type=number]")
-            alpha.fill("-0.42")
-            alpha.press("Enter")
-            _wait_weights(page, "f.length === 26 && f.every(v => v === '-0.42')")
-            for block in ("BASE", "IN04", "M00", "OUT11"):
-                _wait_slider(page, block, -0.42)
-            _save(page, "typed_alpha")
-
-            # item 17: move IN04 away, load the first merge's recipe back: string, sliders and message follow
-            _drag(page, "IN04", 0.1)
-            _wait_weights(page, "f[5] !== '-0.42'")
-            _pick(page, "mergeboard_recipe_src", "browser_merge.safetensors")
-            page.click("#mergeboard_load_recipe")
-            _wait_text(page, "#mergeboard_recipe_msg", "loaded the recipe of browser_merge.safetensors")
-            _wait_weights(page, "f.join(',') === arg", arg=",".join(dragged))
-            _wait_slider(page, "IN04", float(dragged[5]))
-            _wait_slider(page, "IN00", float(dragged[1]))
-
-            # a bad string is reported at the field and changes nothing
-            field = page.locator("#mergeboard_weights textarea, #mergeboard_weights input").first
-            field.fill("IN99=1")
-            field.press("Enter")
-            _wait_text(page, "#mergeboard_weights_msg", "unknown block")
-            assert abs(_slider(page, "IN04") - float(dragged[5])) < 1e-6
-
-            page.click("#mergeboard_compare")  # the A-vs-B heatmap, for the screenshot
-            page.wait_for_selector("#mergeboard_heatmap img", timeout=120_000)
-            shot = Path(os.environ.get("MERGEBOARD_SCREENSHOT") or tmp_path / "board.png")
-            shot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shot), full_page=True)
+            page.wait_for_selector(ready, timeout=90_000)
+            yield page, console
         finally:
             browser.close()
+
+
+def page_errors(console: list[str]) -> list[str]:
+    """Errors on the page except the unreachable web font (fonts.googleapis.com is offline here).
+    gradio 4.40's client also warns "Too many arguments provided for the endpoint" for every event
+    with inputs (gradio-app/gradio#9895, its own api-info lookup by number): a warning, not counted."""
+    return [line for line in console if line.startswith(("error", "pageerror"))
+            and "ERR_NAME_NOT_RESOLVED" not in line and "fonts.googleapis.com" not in line]
+
+
+def test_board_in_chromium(board_url, tmp_path):
+    url, folder, log_path = board_url
+    with board_page(url, "#mergeboard_w_IN04 input[type=range]") as (page, console):
+        _pick(page, "mergeboard_model_A", "sd15_base.safetensors")
+        # model A's handler rewrites the pickers: wait for it before picking B
+        page.wait_for_selector("#mergeboard_arch [data-model='sd15_base.safetensors']", timeout=WAIT_MS)
+        _pick(page, "mergeboard_model_B", "sd15_anime.safetensors")
+
+        # a preset fills the string and the sliders; the dropdown names it
+        _pick(page, "mergeboard_preset", "GRAD_V")
+        _wait_weights(page, "f[0] === '0' && f[1] === '1'")
+        before = _weights(page)
+        assert len(before) == SD1_BLOCKS
+        _wait_slider(page, "IN00", float(before[1]))
+
+        # drag IN04: the string follows (JS while dragging, the server on release), the preset says "custom"
+        _drag(page, "IN04", 0.9)
+        _wait_weights(page, "f[5] !== arg", arg=before[5])
+        _wait_input(page, "mergeboard_preset", "custom")
+        dragged = _weights(page)
+        assert float(dragged[5]) > float(before[5]) + 0.1
+        assert dragged[:5] == before[:5] and dragged[6:] == before[6:]
+        assert abs(_slider(page, "IN04") - float(dragged[5])) < 1e-6
+
+        _save(page, "browser_merge")
+        # the new file is offered in the pickers without pressing Refresh
+        page.get_by_text("Load a recipe from a merged file").click()  # open the accordion
+        page.click("#mergeboard_recipe_src input")
+        page.wait_for_selector("#mergeboard_recipe_src li[role=option]:text-is('browser_merge.safetensors'), "
+                               "#mergeboard_recipe_src [data-value='browser_merge.safetensors']", timeout=WAIT_MS)
+        page.keyboard.press("Escape")
+
+        # item 13: α typed and committed with Enter sets every block — sliders, string and the saved file
+        alpha = page.locator("#mergeboard_alpha input[type=number]")
+        alpha.fill("-0.42")
+        alpha.press("Enter")
+        _wait_weights(page, "f.length === 26 && f.every(v => v === '-0.42')")
+        for block in ("BASE", "IN04", "M00", "OUT11"):
+            _wait_slider(page, block, -0.42)
+        _save(page, "typed_alpha")
+
+        # item 17: move IN04 away, load the first merge's recipe back: string, sliders and message follow
+        _drag(page, "IN04", 0.1)
+        _wait_weights(page, "f[5] !== '-0.42'")
+        _pick(page, "mergeboard_recipe_src", "browser_merge.safetensors")
+        page.click("#mergeboard_load_recipe")
+        _wait_text(page, "#mergeboard_recipe_msg", "loaded the recipe of browser_merge.safetensors")
+        _wait_weights(page, "f.join(',') === arg", arg=",".join(dragged))
+        _wait_slider(page, "IN04", float(dragged[5]))
+        _wait_slider(page, "IN00", float(dragged[1]))
+
+        # a bad string is reported at the field and changes nothing
+        field = page.locator("#mergeboard_weights textarea, #mergeboard_weights input").first
+        field.fill("IN99=1")
+        field.press("Enter")
+        _wait_text(page, "#mergeboard_weights_msg", "unknown block")
+        assert abs(_slider(page, "IN04") - float(dragged[5])) < 1e-6
+
+        page.click("#mergeboard_compare")  # the A-vs-B heatmap, for the screenshot
+        page.wait_for_selector("#mergeboard_heatmap img", timeout=120_000)
+        shot = Path(os.environ.get("MERGEBOARD_SCREENSHOT") or tmp_path / "board.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
 
     recipe = load_recipe(folder / "browser_merge.safetensors")
     assert recipe.method == "weighted_sum"
@@ -233,11 +249,7 @@ def test_board_in_chromium(board_url, tmp_path):
     assert typed.alpha == -0.42
     assert typed.weights is None or set(typed.weights.split(",")) == {"-0.42"}
 
-    # fonts.googleapis.com is unreachable offline; every other error on the page is a failure.
-    # (gradio 4.40's client also warns "Too many arguments provided for the endpoint" for every event
-    # with inputs — gradio-app/gradio#9895, its own api-info lookup by number — so those are not counted.)
-    errors = [line for line in console if line.startswith(("error", "pageerror"))
-              and "ERR_NAME_NOT_RESOLVED" not in line and "fonts.googleapis.com" not in line]
+    errors = page_errors(console)
     assert not errors, errors
     log = log_path.read_text()
     assert "[Merge Board] saved" in log and "browser_merge.safetensors" in log

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from tests.test_board_browser import ARGS, CHROMIUM, WAIT_MS, _pick, _wait_input, serving_board  # noqa: E402
+from tests.test_board_browser import CHROMIUM, WAIT_MS, _pick, _wait_input, board_page, page_errors, serving_board  # noqa: E402
 from tests.test_board_toy import write_toy_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,45 +64,34 @@ def _commit(page, elem_id: str, value: str) -> None:
 
 def test_live_preview_image_follows_the_controls(toy_board):
     url, log_path = toy_board
-    console: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1800})
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#mergeboard_live input[type=checkbox]", timeout=90_000)
-            _pick(page, "mergeboard_model_A", "toy-round.safetensors")
-            page.wait_for_selector("#mergeboard_arch [data-model='toy-round.safetensors']", timeout=WAIT_MS)
-            _pick(page, "mergeboard_model_B", "toy-square.safetensors")
-            _commit(page, "mergeboard_steps", "4")  # a short render; live is still off: nothing drawn yet
+    with board_page(url, "#mergeboard_live input[type=checkbox]") as (page, console):
+        _pick(page, "mergeboard_model_A", "toy-round.safetensors")
+        page.wait_for_selector("#mergeboard_arch [data-model='toy-round.safetensors']", timeout=WAIT_MS)
+        _pick(page, "mergeboard_model_B", "toy-square.safetensors")
+        _commit(page, "mergeboard_steps", "4")  # a short render; live is still off: nothing drawn yet
 
-            page.locator("#mergeboard_live input[type=checkbox]").check()
-            src0, first = _image(page)
-            shots = {first}
+        page.locator("#mergeboard_live input[type=checkbox]").check()
+        src0, first = _image(page)
+        shots = {first}
 
-            _commit(page, "mergeboard_alpha", "0.9")  # α: the merge changes, so the picture does
-            src1, after_alpha = _image(page, src0)
-            assert after_alpha not in shots
-            shots.add(after_alpha)
+        _commit(page, "mergeboard_alpha", "0.9")  # α: the merge changes, so the picture does
+        src1, after_alpha = _image(page, src0)
+        assert after_alpha not in shots
+        shots.add(after_alpha)
 
-            _commit(page, "mergeboard_pseed", "5")  # another seed
-            src2, after_seed = _image(page, src1)
-            assert after_seed not in shots
-            shots.add(after_seed)
+        _commit(page, "mergeboard_pseed", "5")  # another seed
+        src2, after_seed = _image(page, src1)
+        assert after_seed not in shots
+        shots.add(after_seed)
 
-            _commit(page, "mergeboard_opt_pag", "3")  # a guidance knob
-            _, after_pag = _image(page, src2)
-            assert after_pag not in shots
-            _wait_input(page, "mergeboard_model_A", "toy-round.safetensors")
-            info = page.locator("#mergeboard_infotext textarea").first.input_value()
-            assert "Seed: 5-8" in info and "PAG scale: 3" in info and "Merge recipe" in info, info
-            status = page.locator("#mergeboard_status").first.inner_text()
-            assert "error" not in status.lower(), status
-        finally:
-            browser.close()
-    errors = [line for line in console if line.startswith(("error", "pageerror"))
-              and "ERR_NAME_NOT_RESOLVED" not in line and "fonts.googleapis.com" not in line]
+        _commit(page, "mergeboard_opt_pag", "3")  # a guidance knob
+        _, after_pag = _image(page, src2)
+        assert after_pag not in shots
+        _wait_input(page, "mergeboard_model_A", "toy-round.safetensors")
+        info = page.locator("#mergeboard_infotext textarea").first.input_value()
+        assert "Seed: 5-8" in info and "PAG scale: 3" in info and "Merge recipe" in info, info
+        status = page.locator("#mergeboard_status").first.inner_text()
+        assert "error" not in status.lower(), status
+    errors = page_errors(console)
     assert not errors, errors
     assert "Traceback" not in log_path.read_text()
