@@ -39,6 +39,7 @@ class Score:
     """Mean and spread (sample sd over sampling seeds) of each metric."""
     values: Dict[str, List[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    images: Optional[torch.Tensor] = None  # the first seed's samples, when asked to keep them
 
     def add(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(float(value))

@@ -389,7 +389,7 @@ def _merge_methods(report, ev: Evaluator, load, path, soups, merges) -> None:
     for name, p in entries:
         s = ev.prompted(load(p), groups={**groups, **_groups(DOMAIN_SHARDS[2:])}, keep_images=name.startswith(("A =", "B =", "weighted_sum α")))
         rows.append([name, s.fmt("adherence"), *(s.fmt(f"adherence[{g.name}]") for g in DOMAIN_SHARDS), s.fmt("frechet", 2)])
-        if hasattr(s, "images"):
+        if s.images is not None:
             sweep.append(s.images[:12])
     report.table(["merge", "adherence", *(f"on {g.name} prompts" for g in DOMAIN_SHARDS), "Fréchet ↓"], rows)
     report.figure("alpha-sweep.png", sweep, "weighted sum of round (A) and square (B): α = 0, .25, .5, .75, 1")
