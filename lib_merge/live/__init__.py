@@ -3,7 +3,7 @@ model A back bit-exactly.
 
 The loaded model holds model A. ``LiveMerge.apply(recipe)`` plans the recipe with the same
 planner as the streaming engine and, for every block whose merge changed since the last apply
-(its weight, the method, a model, a parameter), computes the merged tensors with the engine's own
+(its weight, the method, a model, a parameter, a LoRA), computes the merged tensors with the engine's own
 kernels (``produce_job``; the native elementwise kernel straight into the tensor)
 in the recipe's output dtype, exactly as the saved file holds them, and copies them into the model
 in the model's dtype and on its device — so the model holds what loading the saved file would give
@@ -35,6 +35,11 @@ The modules, bottom up (each imports only those above it):
   cache limit and the session's mapped files (``MappedReader``; ``ModelAReader`` serves A's bytes
   from RAM), because capture, the comparison with the file, restore's re-read and the planner's
   view of A all share that state and nothing else of the session.
+- ``loras``: the recipe's LoRAs — ``SessionLoras`` keeps the files open for the session (keyed by
+  path, size and mtime; checked for NaN/Inf once, when opened, so a damaged file is refused before
+  anything is written) and binds them with the save path's own functions; each key's signature
+  then carries every patch on it, so a LoRA change rewrites only the keys that LoRA touches. The
+  patched keys are produced by the engine's own LoRA step (fp32 after the method, one rounding).
 - ``merge``: ``LiveMerge``, the session — locking, the worker thread, which keys it holds, and the
   roll-back to A when an apply fails — over the four above.
 

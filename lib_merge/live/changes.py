@@ -2,18 +2,25 @@
 
 The recipe is planned once per model set / method / parameters / seed; a change of α, β or block
 weights only re-derives the per-block values (``replan``, ``block_parameters``). Every block then
-gets a signature of everything its values depend on (None: A), and only keys whose signature
-differs from what the model holds are written. ``LiveReport`` says what one apply/restore did.
+gets a signature of everything its values depend on (None: A); a key's signature adds every LoRA
+patch that touches it (the LoRA's file, module, and strength × the block's LoRA weight), and only
+keys whose signature differs from what the model holds are written. ``LiveReport`` says what one
+apply/restore did.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..lora.attach import takes_patches
 from ..plan import KeyJob, MergePlan, block_settings
 from ..recipe import Recipe
+
+if TYPE_CHECKING:
+    from .loras import LoraPatches
 
 
 @dataclass
@@ -27,6 +34,7 @@ class LiveReport:
     skipped_keys: int = 0  # keys of the recipe that are not in the loaded model (applied on save)
     save_only_blocks: list[str] = field(default_factory=list)  # blocks merged in the file but not previewed
     save_only_parts: list[str] = field(default_factory=list)  # what of them: "text encoders", "VAE"…
+    lora_save_only_parts: list[str] = field(default_factory=list)  # parts the LoRAs change in the file only
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -39,6 +47,9 @@ class LiveReport:
             parts = " and ".join(sorted(self.save_only_parts, key=lambda part: part == "VAE")) or "some keys"
             text += (f"; {', '.join(self.save_only_blocks)} merges the {parts} into the saved file only — the "
                      f"preview keeps A's (set {'/'.join(self.save_only_blocks)} to 0 to preview exactly what Save writes)")
+        if self.lora_save_only_parts:
+            parts = " and ".join(self.lora_save_only_parts)
+            text += f"; the LoRAs also change the {parts} of the saved file, which the preview does not hold"
         return text
 
 
@@ -59,6 +70,8 @@ def _part_of(key: str) -> str:
 
 def block_parameters(plan: MergePlan, recipe: Recipe):
     """``block_settings`` of ``recipe`` for the models and method of the cached ``plan``."""
+    if len(plan.inputs) == 1:  # `merge A --lora X`: every block is A, the LoRAs go on top (plan_merge's rule)
+        return {block: ({}, True, (0,)) for block in plan.info.arch.blocks}, {}
     return block_settings(plan.method, plan.info.arch, recipe, len(plan.inputs))
 
 
@@ -79,23 +92,26 @@ def replan(plan: MergePlan, recipe: Recipe) -> MergePlan:
 
 
 def loaded_jobs(plan: MergePlan, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], dtype: torch.dtype):
-    """The plan's merged keys that the loaded model holds, by block, each with the dtype it is
-    produced in; and the count of those it lacks, with the parts of each block they belong to."""
+    """The plan's keys that the loaded model holds, by block, each with the dtype it is produced
+    in: every merged key, and the copied float keys a LoRA may patch (written only then); and the
+    merged keys it lacks, each with its block and the part of the model it belongs to."""
     by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
-    skipped = 0
-    skipped_blocks: dict[str, set[str]] = {}
+    skipped: dict[str, tuple[str, str]] = {}
     for job in plan.jobs:
-        if job.action != "merge":
-            continue
         found = layout.get(job.key)
+        if job.action != "merge":
+            if found is not None and found[0] == tuple(job.shape) and job.out_dtype.is_floating_point \
+                    and takes_patches(job):
+                by_block.setdefault(job.block, []).append((job, job.out_dtype))  # the file keeps A's dtype
+            continue
         if found is None or found[0] != tuple(job.shape):
-            skipped += 1  # not in the loaded model (VAE, text encoders): merged on save only
-            skipped_blocks.setdefault(job.block, set()).add(_part_of(job.key))
+            # not in the loaded model (VAE, text encoders): merged on save only
+            skipped[job.key] = (job.block, _part_of(job.key))
             continue
         # The recipe's output dtype, as in the saved file: the model then holds exactly
         # what loading that file would give it (cast on write when its dtype differs).
         by_block.setdefault(job.block, []).append((job, dtype))
-    return by_block, skipped, skipped_blocks
+    return by_block, skipped
 
 
 def block_signature(plan: MergePlan, model_ids: tuple, params: dict, identity: bool, sources: tuple) -> tuple | None:
@@ -108,21 +124,32 @@ def block_signature(plan: MergePlan, model_ids: tuple, params: dict, identity: b
 
 def changed_work(plan: MergePlan, model_ids: tuple, per_block: dict,
                  jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]], block_state: dict[str, tuple | None],
-                 applied: dict[str, tuple], dirty: set[str]):
+                 applied: dict[str, tuple], dirty: set[str], loras: "LoraPatches"):
     """The keys to write, each with the signature it will hold (None: A's original), and every
-    block's new signature. A block that already holds exactly this is not even rewritten, unless
-    a failed apply left some of its keys half-written (``dirty``)."""
+    block's new signature. A block that already holds exactly this (the same merge and the same
+    LoRA list) is not even looked at, unless a failed apply left some of its keys half-written
+    (``dirty``); in the others only keys whose own signature changed are written."""
     work: list[tuple[KeyJob, tuple | None]] = []
     block_sigs: dict[str, tuple | None] = {}
     for block, jobs in jobs_by_block.items():
         params, identity, sources = per_block[block]
-        block_sig = block_signature(plan, model_ids, params, identity, sources)
+        merge_sig = block_signature(plan, model_ids, params, identity, sources)
+        block_sig = None if merge_sig is None and loras.token is None else (merge_sig, loras.token)
         block_sigs[block] = block_sig
         if block_sig == block_state.get(block) and not (dirty and any(j.key in dirty for j, _ in jobs)):
             continue
         for job, dtype in jobs:
-            signature = None if block_sig is None else (block_sig, job.common_channels, str(dtype))
+            patches = loras.patches.get(job.key) if takes_patches(job) else None
+            lora_sig = loras.signatures[job.key] if patches else ()
+            if job.action != "merge":
+                signature = ("copy", str(dtype), lora_sig) if patches else None
+                new = KeyJob(job.key, job.action, block, job.shape, dtype, {}, job.sources, patches=patches)
+            else:
+                signature = None if merge_sig is None and not patches else \
+                    (merge_sig, job.common_channels, str(dtype), lora_sig)
+                # job.params' other entries are the planner's whole-model values (cosine's sims_range): kept
+                new = KeyJob(job.key, job.action, block, job.shape, dtype, dict(job.params, **params), sources,
+                             identity, job.common_channels, patches)
             if signature != applied.get(job.key):
-                work.append((KeyJob(job.key, job.action, block, job.shape, dtype, dict(params), sources,
-                                    identity, job.common_channels), signature))
+                work.append((new, signature))
     return work, block_sigs

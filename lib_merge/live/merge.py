@@ -1,7 +1,7 @@
 """``LiveMerge``: one live session over a loaded model — the orchestration of planning what
-changed (``changes``), keeping A's originals (``originals``), producing merged values
-(``produce``) and writing them through the target (``target``), with the locking, the worker
-thread and the roll-back to A on failure.
+changed (``changes``), keeping A's originals (``originals``), the recipe's LoRAs (``loras``),
+producing merged values (``produce``) and writing them through the target (``target``), with the
+locking, the worker thread and the roll-back to A on failure.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..plan import KeyJob, MergePlan, plan_merge
 from ..recipe import Recipe
 from ..torch_threads import on_one_torch_thread
 from .changes import LiveReport, block_parameters, changed_work, file_identity, loaded_jobs
+from .loras import SessionLoras
 from .originals import ModelAReader, Originals, same_bits
 from .produce import merge_into, numel, scratch, spread
 from .target import LiveMergeError, LiveTarget, WriteItem, copy_into, put, write_context
@@ -59,8 +60,8 @@ class LiveMerge:
         self._safe_inputs: dict[tuple[int, str], bool] = {}  # (input, key) -> finite, no overflow risk
         self._block_state: dict[str, tuple | None] = {}  # block -> signature it holds (absent: A)
         self._jobs_by_block: dict[str, list[tuple[KeyJob, torch.dtype]]] = {}
-        self._skipped = 0
-        self._skipped_blocks: dict[str, set[str]] = {}  # block -> parts of it the loaded model lacks
+        self._skipped: dict[str, tuple[str, str]] = {}  # merged key the loaded model lacks -> (block, part)
+        self.loras = SessionLoras()  # the recipe's LoRA files, open for the session
         self._pool: ThreadPoolExecutor | None = None
         # One thread by default: the kernels are memory-bound and torch's own intra-op threads
         # already split every big tensor; worker threads on top (each with torch's threads) only
@@ -140,7 +141,10 @@ class LiveMerge:
         α, β or block weights re-derives only the per-block values, see ``block_parameters``;
         planning a full SDXL header costs more than patching a block)."""
         files = tuple(file_identity(Path(m)) for m in recipe.models if isinstance(parse_model_ref(m), str))
-        skeleton = (recipe.replace(alpha=None, beta=None, weights=None, beta_weights=None), files)
+        # The LoRA list changes no job of the plan (the LoRAs are bound per apply, ``loras``), except
+        # that a single model with LoRAs is `merge A --lora X`, planned as A everywhere.
+        lora_only = bool(recipe.loras) and len(recipe.models) == 1
+        skeleton = (recipe.replace(alpha=None, beta=None, weights=None, beta_weights=None, loras=()), files, lora_only)
         cached = self._plan_cache
         if cached is None or cached[0] != skeleton:
             if cached is not None and cached[0][1] != files:  # a file changed on disk: map it anew
@@ -151,8 +155,7 @@ class LiveMerge:
             self._model_ids = tuple(
                 ref.spec if isinstance(ref, VirtualInput) else file_identity(ref.path) for ref in plan.inputs
             )
-            self._jobs_by_block, self._skipped, self._skipped_blocks = loaded_jobs(
-                plan, self._layout(), output_dtype(recipe.dtype))
+            self._jobs_by_block, self._skipped = loaded_jobs(plan, self._layout(), output_dtype(recipe.dtype))
             return plan
         return cached[1]
 
@@ -176,13 +179,12 @@ class LiveMerge:
             self._check_a(recipe)
             self._check_target()
             plan = self._plan(recipe)
+            loras = self.loras.bind(recipe, plan)  # a bad LoRA stops here: nothing written yet
             per_block, _ = block_parameters(plan, recipe)
-            report = LiveReport(warnings=list(plan.warnings), skipped_keys=self._skipped)
-            # Blocks whose keys the loaded model lacks and whose merge is not A: the file differs there.
-            report.save_only_blocks = sorted(b for b in self._skipped_blocks if b in per_block and not per_block[b][1])
-            report.save_only_parts = sorted({part for b in report.save_only_blocks for part in self._skipped_blocks[b]})
+            report = LiveReport(warnings=list(plan.warnings) + loras.warnings, skipped_keys=len(self._skipped))
+            self._save_only(report, per_block, loras.patches)
             work, block_sigs = changed_work(plan, self._model_ids, per_block, self._jobs_by_block,
-                                            self._block_state, self._applied, self._dirty)
+                                            self._block_state, self._applied, self._dirty, loras)
             try:
                 self._run(plan, work, report)
             except BaseException as exc:
@@ -199,6 +201,20 @@ class LiveMerge:
             self.recipe = recipe
             report.seconds = time.perf_counter() - started
             return report
+
+    def _save_only(self, report: LiveReport, per_block: dict, lora_keys: dict) -> None:
+        """What the saved file changes where the loaded model has no key: blocks whose merge is not
+        A, and the parts a LoRA patches (the text encoders on Forge)."""
+        merged: dict[str, set[str]] = {}
+        by_lora: set[str] = set()
+        for key, (block, part) in self._skipped.items():
+            if block in per_block and not per_block[block][1]:
+                merged.setdefault(block, set()).add(part)
+            elif key in lora_keys:
+                by_lora.add(part)
+        report.save_only_blocks = sorted(merged)
+        report.save_only_parts = sorted(set().union(*merged.values()))
+        report.lora_save_only_parts = sorted(by_lora - set(report.save_only_parts))
 
     def _run(self, plan: MergePlan, work: list, report: LiveReport) -> None:
         # Block by block, so a failure can be rolled back. All of a block's originals are taken
@@ -333,6 +349,7 @@ class LiveMerge:
             self._safe_inputs.clear()
             self._layout_cache = None
             self._plan_cache = None
+            self.loras.close()
 
     def close(self) -> None:
         with self._lock:
@@ -340,6 +357,7 @@ class LiveMerge:
                 self._pool.shutdown(wait=True)
                 self._pool = None
             self._close_readers()
+            self.loras.close()
 
     def _close_readers(self) -> None:
         self.originals.close_readers()

@@ -85,7 +85,8 @@ def _native_into(plan: MergePlan, job: KeyJob, out: torch.Tensor, safe_inputs: M
     path for this key. The engine's NaN/Inf check runs on every chunk unless the method is
     bounded for these parameters and the inputs were found finite (once per session)."""
     method = plan.method
-    if job.identity or job.common_channels is not None or not method.elementwise or method.native is None:
+    if job.identity or job.patches or job.common_channels is not None or not method.elementwise \
+            or method.native is None:
         return False
     if job.out_dtype not in (torch.float16, torch.bfloat16):
         return False
