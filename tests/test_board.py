@@ -405,7 +405,7 @@ def test_lora_picker_lists_the_lora_folder_and_save_bakes_the_list(host, tmp_pat
     assert board.lora_titles() == ["style.safetensors"]
     assert "loras/style.safetensors" not in [c.title for c in host.checkpoints()]  # not a checkpoint
     listing, message = board.on_lora_add("style.safetensors", 0.7, "IN04=0", "")
-    assert listing == "style.safetensors | 0.7 | IN04=0" and "Save only" in html.unescape(message)
+    assert listing == "style.safetensors | 0.7 | IN04=0" and "live preview and into Save" in html.unescape(message)
     message = html.unescape(board.on_save("with_lora", "fp32", NO_VAE, False, *_values(board), loras=listing))
     assert "saved with_lora.safetensors" in message and "1 LoRA(s) baked" in message, message
     recipe = load_recipe(host.models_dir / "with_lora.safetensors")
@@ -419,6 +419,23 @@ def test_lora_picker_lists_the_lora_folder_and_save_bakes_the_list(host, tmp_pat
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     assert not torch.equal(got[key], plain[key].float())
+
+
+def test_the_lora_list_is_part_of_the_boards_recipe(host):
+    """The list after the parameters (as ui.py passes it) becomes the recipe's loras, so the live
+    session follows it; a bad line leaves the session on its last valid recipe."""
+    lora = _lora_folder(host)
+    board = Board(host)
+    board.on_change(*_values(board), "style.safetensors | 0.7 | IN04=0")
+    assert [(x["path"], x["strength"], x["weights"]) for x in board.session.board_recipe.loras] == [(str(lora), 0.7, "IN04=0")]
+    message = html.unescape(board.on_change(*_values(board), "style.safetensors | strong"))
+    assert "not a number" in message and board.session.board_recipe.loras[0]["strength"] == 0.7
+    board.on_change(*_values(board), "")
+    assert board.session.board_recipe.loras == ()
+    from lib_merge.webui.board.host import recipe_infotext
+
+    text = recipe_infotext(board.recipe(board.parse_ui(_values(board) + ["style.safetensors | 0.7"])))
+    assert '"loras":[{"path":"style.safetensors","strength":0.7}]' in text and str(host.models_dir) not in text
 
 
 def test_lora_list_errors_and_a_lora_as_output_lose_nothing(host):

@@ -571,3 +571,38 @@ def test_lora_folder_is_the_hosts_lora_dir(which, request, tmp_path, monkeypatch
     assert "extracted a_to_b.safetensors" in html.unescape(message), message
     assert (chosen / "a_to_b.safetensors").is_file() and "a_to_b.safetensors" in picker["choices"]
     assert not default.exists()
+
+
+@pytest.mark.parametrize("which", ["a1111", "forge"])
+def test_live_preview_bakes_the_boards_lora_list(which, request, tmp_path, monkeypatch):
+    """The LoRA list is part of the board's recipe: the generation's model holds what Save writes
+    (the LoRA in the block at 0 too), the infotext names it, removing it gives the plain merge and
+    switching the preview off gives A — through each host's own write path."""
+    env = request.getfixturevalue(which)
+    from modules import shared
+    from safetensors.torch import save_file
+
+    from lib_merge.io.reader import open_checkpoint
+    from lib_merge.lora.synthetic import synthetic_lora
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    with open_checkpoint(env.path("a")) as reader:
+        save_file(synthetic_lora(reader.shapes(), "sd1", rank=2, seed=4), str(folder / "style.safetensors"))
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(folder), raising=False)
+    board = env.board
+    values = _board_values(env, weights="IN04=0") + ["style.safetensors | 0.7"]
+    env.generate()  # loads A
+    board.on_change(*values)
+    board.on_live(True, *values)
+    result = env.generate()
+    recipe = Recipe("weighted_sum", (str(env.path("a")), str(env.path("b"))), alpha=0.5, weights="IN04=0",
+                    loras=({"path": str(folder / "style.safetensors"), "strength": 0.7},))
+    saved = merge(recipe, tmp_path / "with_lora.safetensors", hash_inputs=False, hash_output=False, durable=False)
+    assert _bits_equal(_current_unet(env), _unet_of(saved.path)) == []
+    assert "style.safetensors" in result.infotexts[0]
+    board.on_change(*values[:-1], "")
+    env.generate()
+    assert _bits_equal(_current_unet(env), _merged_unet(env, tmp_path, recipe_weights="IN04=0")) == []
+    board.on_live(False, *values)
+    assert _bits_equal(_current_unet(env), _unet_of(env.path("a"))) == []

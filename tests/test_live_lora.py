@@ -17,6 +17,7 @@ from lib_merge.lora.synthetic import synthetic_lora
 from lib_merge.recipe import Recipe
 
 from tests.hosts.common.checkpoints import PREFIX, loaded_unet, write_checkpoint
+from tests.test_a1111_text import processing  # noqa: F401  (fixture: A1111's conditioning caches)
 
 WIDTH = 16
 ZERO_BLOCK = "IN04"  # the block at merge weight 0 in every recipe here
@@ -231,4 +232,33 @@ def test_a_bad_lora_is_one_error_and_the_model_stays_as_it_was(files, tmp_path, 
     assert _written(unet, before) == set() and _unchanged(unet, before) == []
     assert live.is_patched and live.apply(with_good).keys == 0  # the session goes on where it was
     assert _mismatched(unet, _saved(with_good, tmp_path)) == []
+    live.close()
+
+
+def test_a1111_text_encoders_take_the_lora_in_the_preview(tmp_path, processing):
+    """On A1111 the text encoders are in the live target: a LoRA's text-encoder modules patch them
+    (BASE at 0 for the merge), equal to the saved file, and the conditioning caches are emptied."""
+    from lib_merge.webui.board.host_a1111 import A1111Target
+    from tests.test_a1111_text import hijacked_sd1_model
+
+    a = write_checkpoint(tmp_path / "a.safetensors", "sd1", seed=0, width=WIDTH)
+    b = write_checkpoint(tmp_path / "b.safetensors", "sd1", seed=1, width=WIDTH)
+    with open_checkpoint(a) as reader:
+        lora = _lora(tmp_path / "style.safetensors", reader.shapes(), "sd1")
+    model = hijacked_sd1_model(a)
+    target = A1111Target(model)
+    original = {k: v.detach().clone() for k, v in target.tensors().items()}
+    live = LiveMerge(target, a)
+    recipe = Recipe("weighted_sum", (str(a), str(b)), alpha=0.5, weights="BASE=0", loras=(_entry(lora, 0.6),))
+    report = live.apply(recipe)
+    assert report.lora_save_only_parts == []  # this target holds the text encoders: nothing is file-only
+    saved = load_file(str(merge(recipe, tmp_path / "out.safetensors", hash_inputs=False, hash_output=False,
+                                durable=False).path))
+    patched = target.tensors()
+    assert [k for k in patched if not torch.equal(patched[k], saved[k].to(patched[k].dtype))] == []
+    text = [k for k in patched if k.startswith("cond_stage_model.") and not torch.equal(patched[k], original[k])]
+    assert text  # BASE is A for the merge; the LoRA changed the encoder
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]
+    live.restore()
+    assert all(torch.equal(v, original[k]) for k, v in target.tensors().items())
     live.close()

@@ -38,6 +38,7 @@ class UiValues:
     weights: str
     seed: int
     params: dict[str, Any]
+    loras: str = ""  # the LoRA list (``LoraHandlers.lora_entries``), after the parameters when the UI passes it
 
 
 class BoardBase:
@@ -133,7 +134,10 @@ class BoardBase:
         models = [v or None for v in values[:n]]
         method, alpha, beta, weights, seed = values[n:n + 5]
         params = dict(zip(self.param_names, values[n + 5:]))
-        return UiValues(models, method or "weighted_sum", _num(alpha, 0.5), _num(beta, 0.5), weights or "", int(_num(seed, 0)), params)
+        extra = values[n + 5 + len(self.param_names):]
+        loras = extra[0] if extra and isinstance(extra[0], str) else ""
+        return UiValues(models, method or "weighted_sum", _num(alpha, 0.5), _num(beta, 0.5), weights or "", int(_num(seed, 0)),
+                        params, loras)
 
     def recipe(self, ui: UiValues, *, dtype: str = "fp16", vae: Optional[str] = None) -> Recipe:
         """The recipe the board shows (raises MergeError with a clear sentence)."""

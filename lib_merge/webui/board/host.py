@@ -169,6 +169,9 @@ def recipe_infotext(recipe: Recipe) -> str:
     data["models"] = [Path(m).name if os.sep in m or "/" in m else m for m in recipe.models]
     if data.get("vae"):
         data["vae"] = Path(data["vae"]).name
+    if data.get("loras"):  # the live preview's LoRAs: file names too, and no empty hash
+        data["loras"] = [{k: (Path(v).name if k == "path" else v) for k, v in lora.items() if v not in ("", None)}
+                         for lora in data["loras"]]
     data.pop("model_hashes", None)
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

@@ -1,8 +1,10 @@
-"""The board's LoRA handlers: the picker over the host's LoRA folder, the list of LoRAs Save bakes
-(one line each: ``TITLE | STRENGTH | BLOCK WEIGHTS``), and Extract LoRA (B − A into the LoRA folder).
+"""The board's LoRA handlers: the picker over the host's LoRA folder, the LoRA list (one line each:
+``TITLE | STRENGTH | BLOCK WEIGHTS``), and Extract LoRA (B − A into the LoRA folder).
 
-LoRAs are baked on Save only: the live preview plans the board's recipe without them (its
-per-block signatures do not cover LoRA patches), and every message about LoRAs says so.
+The list is part of the board's recipe (its ``loras``): the live preview bakes it into the loaded
+model exactly as Save bakes it into the file (``lib_merge.live.loras``), so changing a line
+re-patches only the keys that LoRA touches. What the loaded model does not hold (Forge's text
+encoders, the VAE) is changed in the saved file only, and the status line says so.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from .base import BoardBase, _num
 from .gradio_compat import _html_message, _update
 from .host import output_path
 
-SAVE_ONLY = "LoRAs are baked on Save only; the live preview shows the merge without them."
+LIVE_AND_SAVE = ("The LoRAs of the list are baked into the live preview and into Save alike (text encoders "
+                 "the preview does not hold, e.g. on Forge, change in the saved file only; the status says so).")
 
 
 class LoraHandlers(BoardBase):
-    """LoRA picker, the Save list and Extract LoRA (no gradio layout here)."""
+    """LoRA picker, the LoRA list (live preview and Save) and Extract LoRA (no gradio layout here)."""
 
     def lora_titles(self) -> list[str]:
         loras = getattr(self.host, "loras", None)
@@ -35,10 +38,18 @@ class LoraHandlers(BoardBase):
             return _update(), _html_message("pick a LoRA to add (from the LoRA folder; Refresh re-reads it)", "warn")
         line = f"{title} | {_num(strength, 1.0):g}" + (f" | {weights.strip()}" if weights and weights.strip() else "")
         text = "\n".join([ln for ln in (listing or "").splitlines() if ln.strip()] + [line])
-        return text, _html_message(f"added {title} to Save. {SAVE_ONLY}")
+        return text, _html_message(f"added {title} to the LoRA list. {LIVE_AND_SAVE}")
+
+    def recipe(self, ui, **kwargs):
+        """The board's recipe with the LoRA list as its ``loras`` (raises MergeError naming a bad line)."""
+        recipe = super().recipe(ui, **kwargs)
+        entries = self.lora_entries(ui.loras)
+        return recipe.replace(loras=entries) if entries else recipe
 
     def lora_entries(self, listing: Optional[str]) -> tuple[dict, ...]:
-        """The Save list as the recipe's ``loras`` (raises MergeError naming the bad line)."""
+        """The LoRA list as the recipe's ``loras`` (raises MergeError naming the bad line)."""
+        if not (listing or "").strip():
+            return ()  # no folder scan on every slider move of a board without LoRAs
         files = {}
         loras = getattr(self.host, "loras", None)
         if loras:

@@ -29,7 +29,7 @@ from .gradio_compat import _gr, _html_message, _js_kwargs
 from .sync import CUSTOM, WEIGHT_MAX, WEIGHT_MIN, SyncHandlers
 from .host import Host
 from .live_session import LiveSession
-from .loras import SAVE_ONLY, LoraHandlers
+from .loras import LIVE_AND_SAVE, LoraHandlers
 
 ELEM = "mergeboard"
 DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")  # fp8: the U-Net; text encoders and VAE fp16
@@ -162,14 +162,14 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                     save_vae = gr.Dropdown(choices=[NO_VAE] + [v.title for v in host.vaes()], value=NO_VAE, label="Bake VAE",
                                            elem_id=f"{ELEM}_vae")
                     overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{ELEM}_overwrite")
-                gr.Markdown(f"*LoRAs from {settings.lora_dir or 'the LoRA folder'}. {SAVE_ONLY}*", elem_id=f"{ELEM}_lora_note")
+                gr.Markdown(f"*LoRAs from {settings.lora_dir or 'the LoRA folder'}. {LIVE_AND_SAVE}*", elem_id=f"{ELEM}_lora_note")
                 with gr.Row():
                     lora_pick = gr.Dropdown(choices=board.lora_titles(), value=None, label="LoRA", elem_id=f"{ELEM}_lora")
                     lora_strength = gr.Number(value=1.0, label="Strength", elem_id=f"{ELEM}_lora_strength")
                     lora_weights = gr.Textbox(label="Block weights (lbw:INS, 17/12 LBW values, or IN04=0; empty = all 1)",
                                               lines=1, elem_id=f"{ELEM}_lora_weights")
                     lora_add = gr.Button("Add LoRA", elem_id=f"{ELEM}_lora_add", scale=0, min_width=100)
-                lora_list = gr.Textbox(label="LoRAs baked on Save (one per line: NAME | STRENGTH | BLOCK WEIGHTS)", lines=2,
+                lora_list = gr.Textbox(label="LoRAs, in the live preview and on Save (one per line: NAME | STRENGTH | BLOCK WEIGHTS)", lines=2,
                                        elem_id=f"{ELEM}_lora_list")
                 with gr.Row():
                     save_btn = gr.Button("Save", variant="primary", elem_id=f"{ELEM}_save")
@@ -190,7 +190,8 @@ def build(host: Host, session: Optional[LiveSession] = None, *, standalone: bool
                 recipe_msg = gr.HTML("", elem_id=f"{ELEM}_recipe_msg")
             status = gr.HTML(_html_message(board.session.status_line()), elem_id=f"{ELEM}_status")
 
-        recipe_inputs = pickers + [method_dd, alpha, beta, weights, seed] + param_controls
+        # the LoRA list last: BoardBase.parse_ui reads it after the parameters, so the recipe carries it
+        recipe_inputs = pickers + [method_dd, alpha, beta, weights, seed] + param_controls + [lora_list]
         others = pickers[1:]
         # every event that changes the blocks returns this whole area (Board.block_state)
         block_outputs = ordered_sliders + [weights, curve, preset, weights_msg]
