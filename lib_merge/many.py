@@ -88,6 +88,13 @@ def _stored_bytes(plan: "MergePlan", job: "KeyJob") -> list[int]:
     return sizes
 
 
+def declared_copies(fn: Callable, count: int, params: dict) -> float:
+    """A lazy method's declared fp32 copies of a key for N inputs; one whose working set depends
+    on a parameter (sce's top-k selection) declares ``working_copies_with(n, params)``."""
+    with_params = getattr(fn, "working_copies_with", None)
+    return with_params(count, params) if with_params is not None else fn.working_copies(count)
+
+
 def job_bytes(plan: "MergePlan", job: "KeyJob") -> int:
     """Estimated peak bytes one key holds while it is processed (see the module doc)."""
     n = _numel(job.shape)
@@ -105,7 +112,7 @@ def job_bytes(plan: "MergePlan", job: "KeyJob") -> int:
         # inputs mapped; fp32 chunk buffers, and a task-vector chunk's stack, signs and masks
         return sum(sizes) * n + (5 * count + 2) * stream_chunk(count) * 4
     if copies is not None:
-        return int(copies(count) * 4 * n) + 2 * max(sizes) * n + SCRATCH_BYTES
+        return int(declared_copies(plan.method.fn, count, job.params) * 4 * n) + 2 * max(sizes) * n + SCRATCH_BYTES
     return count * n * (max(sizes) + 4) + 3 * 4 * n + n * out_size
 
 
@@ -123,7 +130,8 @@ class MemoryPlan:
         copies = getattr(method.fn, "working_copies", None)
         if copies is not None:
             what = getattr(method.fn, "working_set", None) or f"{count - 1} task vectors + working buffers"
-            per_key = f"{copies(count):g} fp32 copies of a key ({what})"
+            params = next((j.params for j in plan.jobs if j.key == self.largest_key), {})
+            per_key = f"{declared_copies(method.fn, count, params):g} fp32 copies of a key ({what})"
         elif method.elementwise:
             per_key = f"{count} inputs mapped + {count + 2} fp32 chunks of {stream_chunk(count)} elements"
         else:

@@ -8,7 +8,10 @@ import torch
 
 from ..errors import BadParameterError
 from .basic import MODEL_WEIGHTS, parse_model_weights
+from .median import serial_torch
+from .perpendicular import difference
 from .registry import KeyContext, Param, merge_method
+from .sparsify import chunks
 from .task_vector import lazy_inputs, load
 
 TOL = Param("tol", float, 1e-5, "Karcher: stop when the tangent step's norm is below tol; norms ≤ tol count as zero", 0.0, 1.0)
@@ -84,9 +87,17 @@ def karcher(*models, ctx: KeyContext, model_weights: str, tol: float, max_iter: 
 karcher.working_set = "N unit directions, the iterate, its step and a scratch vector; one input mapped at a time"  # type: ignore[attr-defined]
 
 
+# Three fp32 vectors whatever N: the mean direction, the tangent and one input's direction. Each
+# direction is made again from its input when the tangent needs it (the inputs are read twice)
+# rather than all N being held, so that the cost per input is flat in N.
+def _multislerp_copies(n: int) -> float:
+    return 3
+
+
 @merge_method("multislerp", inputs=("A", "B"), params=(MODEL_WEIGHTS, NORMALIZE, USE_BASE), variadic=True,
               reference="https://github.com/arcee-ai/mergekit")
-def multislerp(*models: torch.Tensor, ctx: KeyContext, model_weights: str, normalize_weights: bool,
+@lazy_inputs(_multislerp_copies)
+def multislerp(*models, ctx: KeyContext, model_weights: str, normalize_weights: bool,
                use_base: bool) -> torch.Tensor:
     """N-way spherical interpolation (mergekit `multislerp`): xᵢ = θᵢ (− A with use_base), unit
     directions uᵢ, mean direction m̂ of Σwᵢuᵢ, tangent T = Σwᵢ(uᵢ − ⟨uᵢ,m̂⟩m̂) (a projection,
@@ -103,18 +114,86 @@ def multislerp(*models: torch.Tensor, ctx: KeyContext, model_weights: str, norma
         w = [float(v) for v in model_weights.split(",")]
         if len(w) != len(points):
             raise BadParameterError(f"multislerp: model_weights has {len(w)} values for {len(points)} models")
-    xs = [(p - base if base is not None else p).reshape(-1) for p in points]
-    norms = [float(x.norm()) for x in xs]
-    us = [x / (n + eps) for x, n in zip(xs, norms)]
-    m = sum(wi * ui for wi, ui in zip(w, us))
+    with serial_torch():
+        return _multislerp(points, base, w, eps)
+
+
+def _point(source, base) -> torch.Tensor:
+    """xᵢ as a new flat tensor (fp32, or wider when an input is)."""
+    if base is not None:
+        return difference(load(source), load(base))
+    x = load(source)
+    return x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32), copy=True)
+
+
+def _multislerp(points, base, w: list[float], eps: float) -> torch.Tensor:
+    # The sums run in the formula's order, chunk by chunk: Python's sum() starts from the integer
+    # 0, and 0 + (−0.0) is +0.0, so the first term gets "+ 0" too — it can flip a zero's sign bit.
+    shape = points[0].shape
+    norms: list[float] = []
+    m: torch.Tensor | None = None
+    for i, source in enumerate(points):
+        u = _point(source, base)
+        norms.append(float(u.norm()))
+        u.div_(norms[-1] + eps)
+        if m is None:
+            m = torch.empty_like(u)
+        for part in chunks(u.numel()):
+            term = torch.mul(u[part], w[i])
+            if i == 0:
+                m[part].copy_(term.add_(0))
+            else:
+                m[part].add_(term)
+        del u
+    assert m is not None
+    n = m.numel()
     if float(m.norm()) < eps:
-        if len(xs) == 2:
-            out = w[0] * xs[0] + w[1] * xs[1]
-            return (out.reshape(points[0].shape) + (base if base is not None else 0))
-        raise BadParameterError("multislerp: the directions cancel out (their weighted mean is 0)")
-    m_hat = m / m.norm()
-    tangent = sum(wi * (ui - torch.dot(ui, m_hat) * m_hat) for wi, ui in zip(w, us))
+        if len(points) != 2:
+            raise BadParameterError("multislerp: the directions cancel out (their weighted mean is 0)")
+        # w₀x₀ + w₁x₁ (+ A, or + 0), into m's buffer
+        x0 = _point(points[0], base)
+        for part in chunks(n):
+            m[part].copy_(torch.mul(x0[part], w[0]))
+        del x0
+        x1 = _point(points[1], base)
+        for part in chunks(n):
+            m[part].add_(torch.mul(x1[part], w[1]))
+        del x1
+        return _plus_base(m, base).view(shape)
+    m_hat = m.div_(m.norm())
+    tangent = torch.empty_like(m_hat)
+    for i, source in enumerate(points):
+        u = _point(source, base).div_(norms[i] + eps)  # uᵢ again, bit for bit
+        along = torch.dot(u, m_hat)
+        for part in chunks(n):
+            term = torch.sub(u[part], along * m_hat[part]).mul_(w[i])
+            if i == 0:
+                tangent[part].copy_(term.add_(0))
+            else:
+                tangent[part].add_(term)
+        del u
     size = float(tangent.norm())
-    direction = m_hat if size < eps else math.cos(size) * m_hat + math.sin(size) * tangent / size
-    out = (sum(wi * n for wi, n in zip(w, norms)) * direction).reshape(points[0].shape)
-    return out + base if base is not None else out
+    scale = sum(wi * n_i for wi, n_i in zip(w, norms))
+    if size < eps:
+        out = m_hat.mul_(scale)
+    else:
+        cos, sin = math.cos(size), math.sin(size)
+        for part in chunks(n):
+            bent = torch.mul(tangent[part], sin).div_(size)
+            tangent[part].copy_(torch.mul(m_hat[part], cos).add_(bent)).mul_(scale)
+        out = tangent
+    del m_hat, m
+    return (_plus_base(out, base) if base is not None else out).view(shape)
+
+
+def _plus_base(out: torch.Tensor, base) -> torch.Tensor:
+    """out + A in place, chunk by chunk (or + 0 without a base, as the formula has it)."""
+    if base is None:
+        return out.add_(0)
+    flat = load(base).reshape(-1)
+    for part in chunks(out.numel()):
+        out[part].add_(flat[part])
+    return out
+
+
+multislerp.working_set = "the mean direction, the tangent and one input's direction; each input read twice"  # type: ignore[attr-defined]
