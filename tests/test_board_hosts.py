@@ -606,3 +606,35 @@ def test_live_preview_bakes_the_boards_lora_list(which, request, tmp_path, monke
     assert _bits_equal(_current_unet(env), _merged_unet(env, tmp_path, recipe_weights="IN04=0")) == []
     board.on_live(False, *values)
     assert _bits_equal(_current_unet(env), _unet_of(env.path("a"))) == []
+
+
+def test_a_lora_damaged_between_generations_gives_a_and_says_so(a1111, tmp_path, monkeypatch, capsys):
+    """The LoRA file breaks while the preview holds it: the next generation runs on A (as its
+    infotext says: skipped), not on the previous merge, with one console line naming the file."""
+    from modules import shared
+    from safetensors.torch import save_file
+
+    from lib_merge.io.reader import open_checkpoint
+    from lib_merge.lora.synthetic import synthetic_lora
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    lora = folder / "style.safetensors"
+    with open_checkpoint(a1111.path("a")) as reader:
+        save_file(synthetic_lora(reader.shapes(), "sd1", rank=2, seed=4), str(lora))
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(folder), raising=False)
+    values = _board_values(a1111) + ["style.safetensors | 0.7"]
+    a1111.generate()
+    a1111.board.on_change(*values)
+    a1111.board.on_live(True, *values)
+    a1111.generate()
+    assert a1111.module.SESSION.patched
+    data = lora.read_bytes()
+    lora.write_bytes(data[: len(data) // 2])  # a download cut short, say
+    capsys.readouterr()
+    processed = a1111.generate()
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "style.safetensors" in line]
+    assert len(lines) == 1 and "without the live merge" in lines[0] and "Error running" not in out.out + out.err
+    assert "Merge Board: skipped" in processed.infotexts[0]
+    assert _bits_equal(_current_unet(a1111), _unet_of(a1111.path("a"))) == []

@@ -148,6 +148,13 @@ class LiveSession:
             except MergeError as exc:
                 # A refusal (e.g. fp8 weights) is the user's to read, not a traceback: the host's
                 # script runner would print one and make the image without the merge anyway.
+                # A refusal before any write (a damaged LoRA, a missing B) leaves the previous merge
+                # in place; put A back so the image is what its infotext says: made without it.
+                if self.live is not None and self.live.is_patched:
+                    try:
+                        self.sync(to_a=True)
+                    except MergeError:
+                        pass  # the model itself is unusable (unloaded, fp8): nothing was patched into it
                 self._note(p, f"[Merge Board] this generation runs without the live merge: {exc}")
                 if params is not None:
                     params["Merge Board"] = "skipped (see the console)"
