@@ -262,3 +262,21 @@ def test_a1111_text_encoders_take_the_lora_in_the_preview(tmp_path, processing):
     live.restore()
     assert all(torch.equal(v, original[k]) for k, v in target.tensors().items())
     live.close()
+
+
+@pytest.mark.parametrize("method, alpha", [("cosine_a", -0.2), ("cosine_b", 0.3)])
+def test_a_lora_on_a_cosine_merge_equals_the_saved_file(models, tmp_path, method, alpha):
+    """cosine's keys carry the planner's whole-model similarity range besides α: the live jobs keep
+    it (they used to be rebuilt from the block's α alone and the method refused to run)."""
+    from tests.test_a1111_text import module_tree
+
+    a, b = models.sd1_a, models.sd1_b
+    with open_checkpoint(a) as reader:
+        lora = _lora(tmp_path / "style.safetensors", reader.shapes(), "sd1")
+    state = load_file(str(a))
+    unet = module_tree({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)})
+    live = LiveMerge(LiveTarget({PREFIX: unet}), a)
+    recipe = Recipe(method, (str(a), str(b)), alpha=alpha, weights=f"{ZERO_BLOCK}=0", loras=(_entry(lora, 0.5),))
+    live.apply(recipe)
+    assert _mismatched(unet, _saved(recipe, tmp_path)) == []
+    live.close()
