@@ -73,7 +73,9 @@ def lokr_delta(p: dict, target: tuple[int, ...]) -> torch.Tensor:
     else:
         w2 = _2d(p["lokr_w2_a"]) @ _2d(p["lokr_w2_b"])
     if len(target) == 4:
-        if w2.dim() == 2:  # [b, d·kh·kw] of a conv: the kernel is the trailing part of each row
+        # [b, d·kh·kw] of a conv: the kernel is the trailing part of each row — A1111, Forge and
+        # LyCORIS take the 2-D kron and reshape it to the weight, which is this same layout
+        if w2.dim() == 2:
             w2 = w2.reshape(w2.shape[0], -1, *target[2:])
         w1 = w1.reshape(*w1.shape[:2], 1, 1)
     return torch.kron(w1, w2)
