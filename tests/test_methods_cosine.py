@@ -2,6 +2,8 @@
 against a re-derivation of supermerger's loop (numpy percentiles and deletes, nn.CosineSimilarity)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,67 @@ def test_cosine_with_a_virtual_b_is_one_error(models, out_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "checkpoint file" in err[0]
     assert not out.exists()
+
+
+def _plan_jobs(recipe: Recipe) -> list:
+    inputs = open_inputs(list(recipe.models))
+    try:
+        plan = plan_merge(recipe, inputs)
+        return [(j.key, j.action, j.sources, sorted(j.params.items())) for j in plan.jobs]
+    finally:
+        for reader in inputs:
+            reader.close()
+
+
+def test_planning_the_same_pair_again_reads_neither_model(models, monkeypatch):
+    """The pre-pass reads every key of A and B once; a second plan of the same files (the live
+    preview's re-plan, a Ray worker's plan) takes the remembered range — until a file changes."""
+    from lib_merge.io.reader import SafetensorsReader
+    from lib_merge.methods.prepass_cache import CACHE
+
+    CACHE.clear()
+    reads: list[str] = []
+    get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, key: reads.append(key) or get(self, key))
+    a, b = str(models.sd1_a), str(models.sd1_b)
+    recipe = Recipe("cosine_b", (a, b), alpha=0.2)
+    first = _plan_jobs(recipe)
+    assert len(reads) > 100  # every 'model' key of both files
+    read_once = len(reads)
+    assert _plan_jobs(recipe) == first and len(reads) == read_once
+    assert _plan_jobs(recipe.replace(alpha=0.7)) != first and len(reads) == read_once  # α is not the pass's
+    # cosine_a's pass is another one (column-normalised tensors): its own entry
+    _plan_jobs(Recipe("cosine_a", (a, b)))
+    assert len(reads) == 2 * read_once
+    # a touched B (new mtime) is read again, and gives the same range
+    st = os.stat(b)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert _plan_jobs(recipe) == first and len(reads) == 3 * read_once
+
+
+def test_a_changed_file_is_not_taken_for_the_remembered_one(models):
+    """B rewritten with other weights (same name, size): the range is the new file's."""
+    from lib_merge.methods.prepass_cache import CACHE
+
+    CACHE.clear()
+    a, b = str(models.sd1_a), str(models.sd1_b)
+    before = _plan_jobs(Recipe("cosine_b", (a, b)))
+    changed = models.derive(models.sd1_c, "other.safetensors")
+    os.replace(changed, b)
+    after = _plan_jobs(Recipe("cosine_b", (a, b)))
+    assert after != before
+    assert after == _plan_jobs(Recipe("cosine_b", (a, str(models.sd1_c))))
+
+
+def test_the_cache_keeps_the_last_entries():
+    from lib_merge.methods.prepass_cache import PrepassCache
+
+    cache = PrepassCache(size=3)
+    for i in range(3):
+        cache.put(i, {"v": i})
+    assert cache.get(0) == {"v": 0}  # now the most recent
+    cache.put(3, {"v": 3})
+    assert cache.get(1) is None and cache.get(0) == {"v": 0} and cache.get(2) == {"v": 2}
+    value = cache.get(3)
+    value["v"] = 99  # a caller's copy
+    assert cache.get(3) == {"v": 3}

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import MemoryBudgetError, MergeError
 from ..many import format_size
+from ..methods import prepass_cache
 from .executor import (
     DEFAULT_SHARD_BYTES, ExecutorError, KeyRun, MergeShardSpec, Shard, file_identity, group_shards, job_read_bytes,
     layout_digest, merge_shard,
@@ -89,8 +90,9 @@ class RayExecutor:
             if work.log is not None:  # the shard's bytes were fsynced by its worker: journal them now
                 work.log.flush(work.writer.sync)
 
-        self.run_shards(merge_shard, spec, shards, memory=work.bound, cancel=work.cancel, on_done=done,
-                        tick=work.tick)
+        seed = prepass_cache.seed_of(plan)
+        fn, payload = (merge_shard, spec) if seed is None else (_seeded_merge_shard, (spec, seed))
+        self.run_shards(fn, payload, shards, memory=work.bound, cancel=work.cancel, on_done=done, tick=work.tick)
 
     def run_shards(
         self, fn: Callable[[Any, list[str]], dict], payload: Any, shards: Sequence[Shard], *, memory: int,
@@ -199,6 +201,14 @@ class _session:
     def __exit__(self, *exc) -> None:
         if self.owned:
             self.ray.shutdown()
+
+
+def _seeded_merge_shard(payload: tuple, keys: list[str]) -> dict[str, Any]:
+    """``merge_shard`` on a worker that first takes the driver's whole-model pre-pass result (the
+    cosine similarity range), so its plan does not read both models again."""
+    spec, seed = payload
+    prepass_cache.remember(seed)
+    return merge_shard(spec, keys)
 
 
 def _check_memory(ray, memory: int) -> None:

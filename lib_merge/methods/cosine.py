@@ -6,7 +6,8 @@ Both need one number range over the whole model before any key is merged: the "S
 collects every key's similarities (keys with "model" in the name, the VAE left out), drops NaN,
 then the values below the 1st percentile and, of the rest, those above the 99th (numpy's
 'midpoint' percentiles); its min and max normalise each key's similarities. The planner runs
-that pass (``prepass``) and hands the range to every key as ``sims_range``.
+that pass (``prepass``) and hands the range to every key as ``sims_range``; the range is kept
+per input files (``prepass_cache``), so planning the same pair again reads neither model.
 
 Per key, k = clip((s − min)/(max − min) − α, 0, 1) is A's share: out = B + k·(A − B), in fp32 (the
 form of supermerger's "use lerp" option). The VAE and keys without "model" in the name keep A,
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MergeError
+from . import prepass_cache
 from .params import ALPHA
 from .registry import KeyContext, merge_method
 
@@ -65,17 +67,28 @@ def similarity_range(values: Iterable[torch.Tensor]) -> tuple[float, float]:
 
 
 def _prepass(favour_a: bool):
+    def cache_key(plan) -> tuple | None:
+        return prepass_cache.plan_key(plan, (0, 1), (favour_a,))
+
     def run(plan) -> dict:
         a, b = plan.inputs[0], plan.inputs[1]
         if not hasattr(b, "infos"):
             raise MergeError(f"{plan.method.name}: model B must be a checkpoint file (its similarity to A is measured)")
+        key = cache_key(plan)
+        cached = prepass_cache.CACHE.get(key) if key is not None else None
+        if cached is not None:
+            return cached
         values = []
-        for key, info in a.infos.items():
-            if not _applies(key) or key not in b.infos or not info.shape:  # ints too (position_ids), as there
+        for name, info in a.infos.items():
+            if not _applies(name) or name not in b.infos or not info.shape:  # ints too (position_ids), as there
                 continue
-            values.append(_similarity(a.get(key), b.get(key), favour_a, for_range=True))
-        return {"sims_range": similarity_range(values)}
+            values.append(_similarity(a.get(name), b.get(name), favour_a, for_range=True))
+        result = {"sims_range": similarity_range(values)}
+        if key is not None:
+            prepass_cache.CACHE.put(key, result)
+        return result
 
+    run.cache_key = cache_key  # type: ignore[attr-defined]
     return run
 
 
