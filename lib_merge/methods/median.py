@@ -1,18 +1,20 @@
-"""Weiszfeld's geometric median over the rows of a matrix, one pass over the data per iteration.
+"""Weiszfeld's geometric median over the rows of a matrix, iterated in the rows' span.
 
 Each row (one model's whole tensor for a key, flattened) is one point, as in sd-mecha's
 ``geometric_median`` (after krishnap25/geom_median). Start from the weighted mean and repeat
     βᵢ = wᵢ / max(‖xᵢ − m‖, eps),   m ← Σ βᵢxᵢ / Σ βᵢ
 until |Δobjective| ≤ ftol · objective (objective = weighted mean distance) or maxiter updates.
 
-Memory: the rows themselves plus one fp32 vector for m. Distances are accumulated chunk by
-chunk (fp64 sums over fixed column chunks), so no N × n difference tensor ever exists; the new
-median and the distances to it are computed in the same pass, because the distances that the
-stopping test needs after an update are exactly the ones the next update weighs with.
+Every iterate is a combination m = Σ cⱼxⱼ of the rows, so the distances need only the rows' Gram
+matrix G: ‖xᵢ − m‖² = Gᵢᵢ − 2(Gc)ᵢ + cᵀGc. One pass over the data builds G (fp64 sums of the exact
+fp32 products, over fixed column chunks); the iterations then cost O(P²) each, whatever the
+tensor's size; a last pass writes m. The data are read twice however many updates the median
+needs (the previous form read them once per update: 7–100 passes). The coefficients are exact in
+fp64 until that last pass, where the fp32 rows are combined once.
 
 An optional implicit zero point (weight ``zero_weight``) is the base model in task-vector space
 (AstolfoMix counts the base as one of the models): it pulls the median towards the base without
-storing a row of zeros.
+storing a row of zeros; its distance is ‖m‖ = √(cᵀGc).
 """
 from __future__ import annotations
 
@@ -77,41 +79,57 @@ def geometric_median_rows(
     if total <= 0:
         raise ValueError("geometric median: weights sum to zero")
     with serial_torch():
-        dist, zdist = _update(points, w / total, median)
+        gram = gram_matrix(points)
+        coef = w / total
+        dist, zdist = _distances(gram, coef)
         objective = _objective(w, dist, zero_weight, zdist, total)
         updates = 0
         for _ in range(max(0, params.maxiter)):
             beta = w / dist.clamp(min=params.eps)
             zbeta = zero_weight / max(zdist, params.eps)
-            dist, zdist = _update(points, beta / (float(beta.sum()) + zbeta), median)
+            coef = beta / (float(beta.sum()) + zbeta)
+            dist, zdist = _distances(gram, coef)
             updates += 1
             new_objective = _objective(w, dist, zero_weight, zdist, total)
             converged = abs(objective - new_objective) <= params.ftol * new_objective
             objective = new_objective
             if converged:
                 break
+        _combine(points, coef, median)
     return median, updates
 
 
-def _update(points: torch.Tensor, coef: torch.Tensor, median: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """median ← Σ coefᵢ·rowᵢ; returns (‖rowᵢ − median‖ for every row, ‖median‖)."""
+def gram_matrix(points: torch.Tensor) -> torch.Tensor:
+    """G = X·Xᵀ in fp64 over fixed column chunks (the chunking, not the thread count, sets the
+    order of the sums: see ``row_chunk``)."""
     count, n = points.shape
-    coef32 = coef.to(torch.float32)
-    sq = torch.zeros(count, dtype=torch.float64)
-    zsq = 0.0
+    gram = torch.zeros(count, count, dtype=torch.float64)
     size = row_chunk(count)
-    scratch = torch.empty(count, min(size, n), dtype=torch.float32)
+    wide = torch.empty(count, min(size, n), dtype=torch.float64)
     for start in range(0, n, size):
         stop = min(n, start + size)
-        block = points[:, start:stop]
-        m = median[start:stop]
-        torch.mv(block.T, coef32, out=m)
-        diff = scratch[:, : stop - start]
-        torch.sub(block, m, out=diff)
-        diff.square_()
-        sq += diff.sum(dim=1, dtype=torch.float64)
-        zsq += float(m.square().sum(dtype=torch.float64))
-    return sq.sqrt_(), math.sqrt(zsq)
+        block = wide[:, : stop - start]
+        block.copy_(points[:, start:stop])  # fp32 → fp64: the products below are exact
+        gram.addmm_(block, block.T)
+    return gram
+
+
+def _distances(gram: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(‖rowᵢ − Σ coefⱼ·rowⱼ‖ for every row, ‖Σ coefⱼ·rowⱼ‖) from the Gram matrix."""
+    g_coef = gram @ coef
+    norm2 = float(coef @ g_coef)
+    dist2 = gram.diagonal() - 2 * g_coef + norm2
+    return dist2.clamp_(min=0.0).sqrt_(), math.sqrt(max(norm2, 0.0))
+
+
+def _combine(points: torch.Tensor, coef: torch.Tensor, median: torch.Tensor) -> None:
+    """median ← Σ coefᵢ·rowᵢ (fp32), chunk by chunk."""
+    count, n = points.shape
+    coef32 = coef.to(torch.float32)
+    size = row_chunk(count)
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        torch.mv(points[:, start:stop].T, coef32, out=median[start:stop])
 
 
 def _objective(w: torch.Tensor, dist: torch.Tensor, zero_weight: float, zdist: float, total: float) -> float:
