@@ -165,7 +165,7 @@ def select_top(row: torch.Tensor, m: int) -> TopSelection:
         keys = row[part].abs().view(torch.int32)
         inside = keys[(keys >> 16) == high]
         if inside.numel():
-            low_hist += torch.bincount((inside & 0xFFFF).to(torch.int64), minlength=1 << 16)
+            low_hist += torch.bincount(inside & 0xFFFF, minlength=1 << 16)  # int32 as is: no int64 copy
     low, above_low = _bucket_of_mth_largest(low_hist, m - above)
     threshold = (high << 16) | low
     need = m - above - above_low  # how many of the elements equal to the threshold are kept
@@ -192,30 +192,49 @@ def _bucket_of_mth_largest(hist: torch.Tensor, m: int) -> tuple[int, int]:
     return bucket, above
 
 
-def trim_top_(row: torch.Tensor, k: float) -> torch.Tensor:
-    """TIES trim in place: keep the round(k·n) largest |Δ| of the whole tensor, zero the rest."""
+@dataclass(frozen=True)
+class BandSelection:
+    """Breadcrumbs' keep mask: among the ``upper`` largest but not among the ``outliers``."""
+
+    upper: TopSelection
+    outliers: TopSelection
+
+    def mask(self, row: torch.Tensor, part: slice) -> torch.Tensor:
+        return self.upper.mask(row, part) & ~self.outliers.mask(row, part)
+
+
+def top_trim(row: torch.Tensor, k: float) -> TopSelection | None:
+    """TIES trim of a whole flat row: keep the round(k·n) largest |Δ| (None: all are kept). The
+    caller zeroes the rest with ``mask`` chunk by chunk, e.g. in its own pass over the row."""
     n = row.numel()
     m = int(k * n + 0.5)
-    if m >= n:
-        return row
-    selection = select_top(row, m)
-    for part in chunks(n):
-        row[part].mul_(selection.mask(row, part))
-    return row
+    return None if m >= n else select_top(row, m)
 
 
-def trim_band_(row: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs in place: drop the round(γ·n) largest |Δ| (outliers), then keep the next
-    round(k·n) largest and zero the small rest; if γ + k > 1 fewer outliers are dropped so that
-    round(k·n) entries remain (mergekit's rule)."""
+def band_trim(row: torch.Tensor, k: float, gamma: float) -> BandSelection:
+    """Breadcrumbs: drop the round(γ·n) largest |Δ| (outliers), then keep the next round(k·n)
+    largest and zero the small rest; if γ + k > 1 fewer outliers are dropped so that round(k·n)
+    entries remain (mergekit's rule)."""
     n = row.numel()
     m = int(k * n + 0.5)
     top = int(gamma * n + 0.5)
     if top + m > n:
         top = n - m
-    upper = select_top(row, top + m)
-    outliers = select_top(row, top)
-    for part in chunks(n):
-        keep = upper.mask(row, part) & ~outliers.mask(row, part)
-        row[part].mul_(keep)
+    return BandSelection(select_top(row, top + m), select_top(row, top))
+
+
+def trim_top_(row: torch.Tensor, k: float) -> torch.Tensor:
+    """TIES trim in place (``top_trim`` applied to the whole row)."""
+    return _apply_(row, top_trim(row, k))
+
+
+def trim_band_(row: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs in place (``band_trim`` applied to the whole row)."""
+    return _apply_(row, band_trim(row, k, gamma))
+
+
+def _apply_(row: torch.Tensor, selection: TopSelection | BandSelection | None) -> torch.Tensor:
+    if selection is not None:
+        for part in chunks(row.numel()):
+            row[part].mul_(selection.mask(row, part))
     return row
