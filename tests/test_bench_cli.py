@@ -56,7 +56,8 @@ def test_lora_benchmark_runs_end_to_end_on_small_files(tmp_path):
     for label in ("(a) I/O floor", "(b) bake", "(b2) weighted_sum A B --lora L", "full SVD", "randomized SVD"):
         assert label in out, out
     assert "load average" in out and "targets: bake/a ≤ 1.5" in out
-    full, randomized = (float(v) for v in re.search(r"full ([0-9.]+), randomized ([0-9.]+)", out).groups())
+    full, randomized = (float(re.search(rf"extract, {kind} SVD: \d+ modules; relative error \S+ ([0-9.]+)", out).group(1))
+                        for kind in ("full", "randomized"))
     assert 0 < full < 1 and full <= randomized * (1 + 1e-6) and randomized <= 1.05 * full
     assert not (tmp_path / "scratch").exists()
 
@@ -79,7 +80,8 @@ def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
     args = build_parser().parse_args(bench_argv(["bench", "merge", "--methods", "a,b", "--scale", "32"]))
     assert (args.bench, args.methods, args.scale) == ("merge", "a,b", 32)
     cmd = [sys.executable, "-m", "lib_merge", "bench", "merge", "--scale", "32", "--skip-baseline", "--dir", "scratch"]
-    proc = subprocess.run([*cmd, "--methods", "weighted_sum,add_difference,ties"],
+    # weighted_sum is not asked for: its row is still there, since every × plain refers to it
+    proc = subprocess.run([*cmd, "--methods", "add_difference,ties"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -103,7 +105,7 @@ def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
         assert _ratio_of_printed(x_plain, seconds, plain[1])
     try:
         import sd_mecha  # noqa: F401
-        assert "ours ÷ sd-mecha" in rows["add_difference"][5] and "no counterpart" in rows["ties"][5]
+        assert "ours ÷ sd-mecha" in rows["add_difference"][5] and "ours ÷ sd-mecha" in rows["ties"][5]
     except ImportError:
         assert rows["weighted_sum"][5].strip() == rows["ties"][5].strip() == "not installed"
     assert not (tmp_path / "scratch").exists()

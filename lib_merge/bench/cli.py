@@ -39,6 +39,7 @@ def bench_parsers(sub) -> None:
     merge.add_argument("--scale", type=int, default=1, metavar="N",
                        help="divide the layer widths by N (a quick run on small files; default 1 = full size)")
     merge.add_argument("--skip-baseline", action="store_true", help="skip the whole-model load_file baseline")
+    merge.add_argument("--skip-mecha", action="store_true", help="skip sd-mecha even when it is installed")
 
     many = kinds.add_parser("many", help=KINDS["many"])
     many.add_argument("many", metavar="N[,N…]", help="model counts, e.g. 4,8,16")
@@ -49,6 +50,8 @@ def bench_parsers(sub) -> None:
     lora.add_argument("--rank", type=int, default=64, help="rank of the baked and of the extracted LoRA (default 64)")
     lora.add_argument("--scale", type=int, default=1, metavar="N",
                       help="divide the layer widths by N (a quick run on small files; default 1 = full size)")
+    lora.add_argument("--svd", default="full,randomized", metavar="KIND[,KIND…]",
+                      help="extractions to time: full, randomized, both (default) or none")
 
     ray = kinds.add_parser("ray", help=KINDS["ray"])
     ray.add_argument("--models", type=int, default=5, help="dgmla inputs: a base and N − 1 fine-tunes (default 5)")

@@ -27,8 +27,20 @@ from . import PACKAGE_PARENT
 
 ALPHA = 0.5
 DEFAULT_METHODS = "weighted_sum"
-# sd-mecha's counterpart of each method, where it has one with the same meaning
-_MECHA = {"weighted_sum", "slerp", "add_difference"}
+# methods whose α the benchmark sets (the others run at their defaults, α = 1)
+_ALPHA_METHODS = {"weighted_sum", "slerp", "add_difference", "train_difference"}
+# sd-mecha's counterpart of each method: the same formula, except where the note says what differs
+_MECHA = {
+    "weighted_sum": "",
+    "slerp": "",
+    "add_difference": "",
+    "train_difference": "",
+    "ties": "",
+    "geometric_median": "",
+    # sd-mecha's only DARE/DELLA merges elect signs after the drop (our vote=sum); ours default to no vote
+    "dare": "≈ their add_ties_with_dare (vote after the drop)",
+    "della": "≈ their add_ties_with_dare (vote after the drop)",
+}
 
 
 def run_bench(args) -> int:
@@ -55,19 +67,19 @@ def run_bench(args) -> int:
 
     threads = str(args.threads or 0)
     floors: dict[int, tuple[dict, dict]] = {}
-    for n in sorted(set(methods.values())):
+    for n in sorted(set(methods.values()) | {2}):  # the plain weighted_sum row is always held against 2
         extra = [str(p) for p in inputs[2:n]]
         floors[n] = (_run("floor", inputs[0], inputs[1], folder / "floor_out.bin", *extra),
                      _run("floor-cache", inputs[0], inputs[1], folder / "floor_out.bin", *extra))
-    mecha = _mecha_available()
+    mecha = "skipped (--skip-mecha)" if getattr(args, "skip_mecha", False) else _mecha_available()
     plain = _ours(inputs, folder, threads, "weighted_sum", 2, "durable")
-    rows = []
+    rows = [] if "weighted_sum" in methods else [("weighted_sum", 2, plain, None, "")]  # every × plain refers to it
     for method, n in methods.items():
         ours = plain if method == "weighted_sum" else _ours(inputs, folder, threads, method, n, "durable")
         theirs = None
         if mecha is None and method in _MECHA:
             theirs = _run("mecha", inputs[0], inputs[1], folder / "mecha.safetensors", method, *map(str, inputs[2:n]))
-        rows.append((method, n, ours, theirs, mecha or ("no counterpart" if theirs is None else "")))
+        rows.append((method, n, ours, theirs, mecha or ("no counterpart" if theirs is None else _MECHA[method])))
     rows.append(("weighted_sum, no fsync", 2, _ours(inputs, folder, threads, "weighted_sum", 2, "cache"), None, ""))
     if not args.skip_baseline:
         rows.append(("load_file + save_file (weighted_sum)", 2,
@@ -133,7 +145,8 @@ def _table(rows, floors, plain) -> str:
         durable, cache = floors[n]
         s = ours["seconds"]
         other = why_not if theirs is None else \
-            f"{theirs['seconds']:.2f} s, {_gb(theirs['rss'])}; ours ÷ sd-mecha {s / theirs['seconds']:.2f}"
+            f"{theirs['seconds']:.2f} s, {_gb(theirs['rss'])}; ours ÷ sd-mecha {s / theirs['seconds']:.2f}" + \
+            (f" ({why_not})" if why_not else "")
         lines.append(f"{label:<40} {n:>2} {s:>8.2f} {s / durable['seconds']:>8.2f} {s / cache['seconds']:>7.2f} "
                      f"{s / plain['seconds']:>7.2f} {_gb(ours['rss']):>9}  {other}")
     return "\n".join(lines)
@@ -203,7 +216,7 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
                     os.fsync(f.fileno())
     elif kind == "ours":
         threads, mode, method, *more = extra
-        merged = merge(Recipe(method, (str(a), str(b), *more), alpha=ALPHA if method in _MECHA else None), out,
+        merged = merge(Recipe(method, (str(a), str(b), *more), alpha=ALPHA if method in _ALPHA_METHODS else None), out,
                        threads=int(threads) or None, hash_inputs=False, durable=mode == "durable", overwrite=True)
         result["sha256"] = merged.sha256
     elif kind == "baseline":
@@ -218,15 +231,37 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
         _fsync(out)  # same durability as the floor and ours
     elif kind == "mecha":
         method, *more = extra
-        ma, mb = sd_mecha.model(str(a)), sd_mecha.model(str(b))
-        if method == "add_difference":
-            recipe = sd_mecha.add_difference(ma, sd_mecha.subtract(mb, sd_mecha.model(more[0])), alpha=ALPHA)
-        else:
-            recipe = getattr(sd_mecha, method)(ma, mb, alpha=ALPHA)
+        recipe = _mecha_recipe(sd_mecha, method, [sd_mecha.model(str(p)) for p in (a, b, *more)])
         sd_mecha.merge(recipe, output=str(out), output_dtype=torch.float16)
         _fsync(out)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _mecha_recipe(sd_mecha, method: str, models: list):
+    """sd-mecha 1.1's recipe for ``method`` with our defaults (base first for the task-vector ones)."""
+    if method in ("weighted_sum", "slerp"):
+        return getattr(sd_mecha, method)(*models, alpha=ALPHA)
+    if method == "add_difference":
+        return sd_mecha.add_difference(*models, alpha=ALPHA)
+    if method == "train_difference":
+        return sd_mecha.add_difference(*models, alpha=sd_mecha.train_difference_mask(*models, alpha=ALPHA))
+    # their wrappers compare the unresolved merge space of a sub-recipe (AttributeError in 1.1.8), so the
+    # task-vector recipes are spelled out: base + ties_sum…(B − base, C − base)
+    from sd_mecha.extensions.builtin.merge_methods import linear, ties
+
+    base, *tuned = models
+    deltas = [sd_mecha.subtract(m, base) for m in tuned]
+    if method == "ties":  # vote_sgn=True is the sum vote (our default) since sd-mecha 0.1
+        return linear.add_difference(base, ties.ties_sum_extended(*deltas, k=0.2, vote_sgn=True), alpha=1.0)
+    if method in ("dare", "della"):
+        p, della_eps = (0.9, 0.0) if method == "dare" else (0.5, 0.2)
+        res = ties.ties_sum_with_dropout(*deltas, probability=p, della_eps=della_eps, rescale=True, k=1.0,
+                                         vote_sgn=True, seed=0)
+        return linear.add_difference(base, res, alpha=1.0)
+    if method == "geometric_median":  # ours includes the base as a point, so theirs gets all three models
+        return sd_mecha.geometric_median(*models)
+    raise ValueError(f"no sd-mecha counterpart for {method}")
 
 
 def _fsync(path: Path) -> None:
