@@ -205,6 +205,29 @@ def test_an_input_a_node_cannot_see_is_one_clear_error(ray_address, models, out_
     assert list(out_dir.iterdir()) == []  # no output, no partial file
 
 
+@needs_ray
+def test_workers_take_the_drivers_cosine_prepass(ray_address, models, out_dir):
+    """The driver hands its whole-model pre-pass result to the workers instead of each reading
+    both models again. Seen through a range the files would not give, remembered on the driver:
+    the workers' plans (whose layout digest holds every key's parameters) match the driver's only
+    if they took it, and the file is the local merge with that range."""
+    from lib_merge.engine.executor import open_plan
+    from lib_merge.methods import get_method, prepass_cache
+
+    recipe = Recipe("cosine_b", (str(models.sd1_a), str(models.sd1_b)), alpha=0.2)
+    prepass_cache.CACHE.clear()
+    with open_plan(recipe) as plan:
+        key = get_method("cosine_b").fn.prepass.cache_key(plan)
+        true_range = next(j.params["sims_range"] for j in plan.jobs if j.action == "merge")
+    assert key is not None
+    prepass_cache.CACHE.put(key, {"sims_range": (true_range[0] + 0.1, true_range[1])})
+    local = engine.merge(recipe, out_dir / "local.safetensors", hash_inputs=False)
+    remote = engine.merge(recipe, out_dir / "ray.safetensors", executor=ray_executor(), hash_inputs=False)
+    assert remote.sha256 == local.sha256
+    prepass_cache.CACHE.clear()
+    assert engine.merge(recipe, out_dir / "true.safetensors", hash_inputs=False).sha256 != local.sha256
+
+
 def _run_blocked(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter where ``import ray`` fails as on a machine without it."""
     prelude = "import sys\nsys.modules['ray'] = None  # import ray → ImportError\n"
