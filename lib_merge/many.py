@@ -95,6 +95,13 @@ def declared_copies(fn: Callable, count: int, params: dict) -> float:
     return with_params(count, params) if with_params is not None else fn.working_copies(count)
 
 
+def chunk_buffers(fn, count: int) -> int:
+    """fp32 chunk buffers an elementwise method holds for ``count`` inputs: its declaration
+    (``chunk_copies``), else a plain weighted sum's."""
+    declared = getattr(fn, "chunk_copies", None)
+    return declared(count) if declared is not None else 5 * count + 2
+
+
 def job_bytes(plan: "MergePlan", job: "KeyJob") -> int:
     """Estimated peak bytes one key holds while it is processed (see the module doc)."""
     n = _numel(job.shape)
@@ -109,8 +116,9 @@ def job_bytes(plan: "MergePlan", job: "KeyJob") -> int:
     if job.common_channels is not None:
         return count * n * (max(sizes) + 4) + 3 * 4 * n + n * out_size
     if plan.method.elementwise:
-        # inputs mapped; fp32 chunk buffers, and a task-vector chunk's stack, signs and masks
-        return sum(sizes) * n + (5 * count + 2) * stream_chunk(count) * 4
+        # inputs mapped, and fp32 chunk buffers (a method may declare more: a task-vector chunk's
+        # stack, draws, signs and masks)
+        return sum(sizes) * n + chunk_buffers(plan.method.fn, count) * stream_chunk(count) * 4
     if copies is not None:
         return int(declared_copies(plan.method.fn, count, job.params) * 4 * n) + 2 * max(sizes) * n + SCRATCH_BYTES
     return count * n * (max(sizes) + 4) + 3 * 4 * n + n * out_size
@@ -133,7 +141,7 @@ class MemoryPlan:
             params = next((j.params for j in plan.jobs if j.key == self.largest_key), {})
             per_key = f"{declared_copies(method.fn, count, params):g} fp32 copies of a key ({what})"
         elif method.elementwise:
-            per_key = f"{count} inputs mapped + {count + 2} fp32 chunks of {stream_chunk(count)} elements"
+            per_key = f"{count} inputs mapped + {chunk_buffers(method.fn, count)} fp32 chunks of {stream_chunk(count)} elements"
         else:
             per_key = f"{count} inputs in fp32 + temporaries"
         cap = f", capped by --max-memory {format_size(self.budget)}" if self.budget else ""

@@ -287,6 +287,19 @@ def test_streamed_methods_bounds_hold_and_are_tight():
         assert used <= bound <= 2 * used, (name, used, bound)
 
 
+def test_every_method_within_its_bound_measured_strictly():
+    """Every registered method, measured strictly (see ``measure_bounds``), stays within the
+    bound the plan prints — the elementwise task-vector methods too, whose chunk path holds the
+    stack, draws, signs and masks (ties_soup used 1.01× the plain elementwise bound before it
+    declared them)."""
+    from lib_merge.methods import all_methods
+
+    rows = measure_bounds([[spec.name, {}] for spec in all_methods()], strict=True)
+    assert len(rows) == len(all_methods())
+    over = [(name, used, bound) for name, used, bound in rows if used > bound]
+    assert not over, over
+
+
 def test_karcher_declares_its_working_set_and_reads_through_handles(models, tmp_path):
     """The plan's bound for karcher is its declared N directions + 3 fp32 vectors, and the
     engine's handle path gives exactly the plain-tensor result."""

@@ -20,12 +20,14 @@ import torch
 from .median import Weiszfeld
 from .registry import KeyContext, Param, merge_method
 from .task_methods import FTOL, MAXITER, MEDIAN_EPS, TV_ALPHA
-from .task_vector import TaskVectorConfig, lazy_inputs, merge_chunk, merge_task_vectors, working_copies
+from .task_vector import (TaskVectorConfig, chunk_copies, lazy_inputs, merge_chunk, merge_task_vectors,
+                          task_chunk_copies, working_copies)
 
 _SOUP = TaskVectorConfig(vote="count", combine="mean")
 
 
 @merge_method("ties_soup", inputs=("A", "B"), params=(TV_ALPHA,), variadic=True, elementwise=True)
+@chunk_copies(task_chunk_copies)
 def ties_soup(*models: torch.Tensor, ctx: KeyContext, alpha: float) -> torch.Tensor:
     """AstolfoMix TIES-SOUP: A + α·τ, τ = disjoint mean of the task vectors Δᵢ = θᵢ − A over the
     entries whose sign agrees with the COUNT vote sign(Σ sign Δᵢ); no trim (k = 1), no drop,

@@ -13,10 +13,12 @@ from .median import Weiszfeld
 from .registry import KeyContext, Param, merge_method
 from .task_vector import (
     TaskVectorConfig,
+    chunk_copies,
     lazy_inputs,
     merge_chunk,
     merge_task_vectors,
     parse_task_weights,
+    task_chunk_copies,
     working_copies,
 )
 
@@ -56,6 +58,7 @@ def _weights(models: tuple, task_weights: str, name: str, *, non_negative: bool)
 # -- elementwise configurations ------------------------------------------------------------------
 @merge_method("task_arithmetic", inputs=("A", "B"), params=(TV_ALPHA, TASK_WEIGHTS), variadic=True, elementwise=True,
               reference="https://arxiv.org/abs/2212.04089")
+@chunk_copies(task_chunk_copies)
 def task_arithmetic(*models: torch.Tensor, ctx: KeyContext, alpha: float, task_weights: str) -> torch.Tensor:
     """A + α·Σ wᵢ(θᵢ − A): task arithmetic (Ilharco et al. 2023). A is the base; B, C, … are
     fine-tunes with weights wᵢ (task_weights, 1 each by default and NOT normalised: two task
@@ -67,6 +70,7 @@ def task_arithmetic(*models: torch.Tensor, ctx: KeyContext, alpha: float, task_w
 
 @merge_method("dare", inputs=("A", "B"), params=(TV_ALPHA, DROP_P, RESCALE, VOTE_OPTIONAL, TASK_WEIGHTS), variadic=True,
               elementwise=True, random=True, reference="https://arxiv.org/abs/2311.03099")
+@chunk_copies(task_chunk_copies)
 def dare(*models: torch.Tensor, ctx: KeyContext, alpha: float, p: float, rescale: bool, vote: str, task_weights: str) -> torch.Tensor:
     """DARE (Yu et al. 2024): A + α·τ. Each entry of every Δᵢ = θᵢ − A is zeroed with
     probability p — p is the DROP rate, q = 1 − p of the entries survive — and with rescale the

@@ -229,6 +229,25 @@ def is_elementwise(config: TaskVectorConfig) -> bool:
     return config.drop in ("none", "dare") and config.trim == "none" and config.combine in ("sum", "mean")
 
 
+def task_chunk_copies(count: int) -> int:
+    """fp32 chunk buffers the chunk path (``merge_chunk``) holds at its peak for ``count`` inputs:
+    the engine's input and output chunks, the P × C stack, the drop's draws and masks, the signs
+    and tallies of the election, the disjoint mean's counts. Set from the strict measurement in
+    tests/test_many_memory.py (16.8 chunks used at 3 inputs), with a margin."""
+    return 6 * count + 4
+
+
+def chunk_copies(copies: Callable[[int], int]) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Declare an elementwise method's peak chunk buffers for N inputs (the planner's default
+    counts a plain weighted sum's)."""
+
+    def mark(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        fn.chunk_copies = copies  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
 def lazy_inputs(copies: Callable[[int], float]) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Mark a method as taking engine handles (``load()``) and declare its peak working set in
     fp32 copies of the key's tensor for N input models; the engine uses both to bound memory."""
