@@ -69,6 +69,30 @@ def test_cosine_matches_supermergers_loop(models, out_dir, method, favour_a, alp
     assert torch.equal(got[vae], a[vae].float())
 
 
+@pytest.mark.parametrize("method", ["cosine_a", "cosine_b"])
+def test_a_zero_tensor_gives_a_finite_key_not_nan(models, tmp_path, method):
+    """A key that is all zeros in A (or in both) has no direction: supermerger's whole-tensor
+    cosine is 0/0 = NaN there and the merge was refused as non-finite; it now counts as
+    unrelated (similarity 0), and a key zero in both models stays zero."""
+    from safetensors.torch import save_file
+
+    a, b = load_tensors(models.sd1_a), load_tensors(models.sd1_b)
+    biases = [k for k in a if k.startswith("model.diffusion_model.") and k.endswith(".bias") and a[k].dim() == 1]
+    zero_both, zero_a = biases[0], biases[1]
+    a[zero_both], b[zero_both] = torch.zeros_like(a[zero_both]), torch.zeros_like(b[zero_both])
+    a[zero_a] = torch.zeros_like(a[zero_a])
+    pa, pb, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "o.safetensors"
+    save_file(a, str(pa))
+    save_file(b, str(pb))
+    assert main(["merge", str(pa), str(pb), "--method", method, "--alpha", "0.1", "--dtype", "fp32",
+                 "-o", str(out), "--no-hash"]) == 0
+    got = load_tensors(out)
+    assert all(torch.isfinite(t).all() for t in got.values() if t.is_floating_point())
+    assert torch.equal(got[zero_both], torch.zeros_like(got[zero_both]))
+    k = 1 - got[zero_a] / b[zero_a].float()  # out = B + k·(A − B) = (1 − k)·B where A = 0
+    assert torch.allclose(k, k[0].expand_as(k), atol=1e-6) and 0.0 <= float(k[0]) <= 1.0
+
+
 def test_the_range_survives_the_live_replan(models):
     inputs = open_inputs([str(models.sd1_a), str(models.sd1_b)])
     try:

@@ -98,7 +98,11 @@ def _merge(a: torch.Tensor, b: torch.Tensor, ctx: KeyContext, alpha: float, sims
     if not _applies(ctx.key) or a.dim() == 0:
         return a.to(torch.float32)
     low, high = sims_range
-    s = _similarity(a, b, favour_a, for_range=False)
+    # A zero tensor (an untrained norm bias, a zero-initialised projection) has no direction: the
+    # whole-tensor cosine is 0/0. supermerger's formula writes NaN into that key, which ruins the
+    # model; here it counts as unrelated (0), as the column cosine already does. The pre-pass
+    # keeps dropping those NaN, as supermerger's does, so the range is unchanged.
+    s = _similarity(a, b, favour_a, for_range=False).nan_to_num_(nan=0.0)
     k = ((s - low) / (high - low) - (abs(alpha) if favour_a else alpha)).clip(min=0, max=1.0)
     return torch.lerp(b.to(torch.float32), a.to(torch.float32), k)
 
