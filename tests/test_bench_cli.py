@@ -106,6 +106,7 @@ def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
     try:
         import sd_mecha  # noqa: F401
         assert "ours ÷ sd-mecha" in rows["add_difference"][5] and "ours ÷ sd-mecha" in rows["ties"][5]
+        assert rows["weighted_sum"][5].strip() == "not in --methods"
     except ImportError:
         assert rows["weighted_sum"][5].strip() == rows["ties"][5].strip() == "not installed"
     assert not (tmp_path / "scratch").exists()

@@ -73,7 +73,8 @@ def run_bench(args) -> int:
                      _run("floor-cache", inputs[0], inputs[1], folder / "floor_out.bin", *extra))
     mecha = "skipped (--skip-mecha)" if getattr(args, "skip_mecha", False) else _mecha_available()
     plain = _ours(inputs, folder, threads, "weighted_sum", 2, "durable")
-    rows = [] if "weighted_sum" in methods else [("weighted_sum", 2, plain, None, "")]  # every × plain refers to it
+    # every × plain refers to it, so it is shown even when not asked for (sd-mecha is not run for it then)
+    rows = [] if "weighted_sum" in methods else [("weighted_sum", 2, plain, None, mecha or "not in --methods")]
     for method, n in methods.items():
         ours = plain if method == "weighted_sum" else _ours(inputs, folder, threads, method, n, "durable")
         theirs = None
