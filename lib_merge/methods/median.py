@@ -101,16 +101,14 @@ def geometric_median_rows(
 
 def gram_matrix(points: torch.Tensor) -> torch.Tensor:
     """G = X·Xᵀ in fp64 over fixed column chunks (the chunking, not the thread count, sets the
-    order of the sums: see ``row_chunk``)."""
+    order of the sums: see ``row_chunk``); the fp32 → fp64 products are exact. Model Stock's
+    cosines use it too."""
     count, n = points.shape
     gram = torch.zeros(count, count, dtype=torch.float64)
     size = row_chunk(count)
-    wide = torch.empty(count, min(size, n), dtype=torch.float64)
     for start in range(0, n, size):
-        stop = min(n, start + size)
-        block = wide[:, : stop - start]
-        block.copy_(points[:, start:stop])  # fp32 → fp64: the products below are exact
-        gram.addmm_(block, block.T)
+        block = points[:, start: min(n, start + size)].to(torch.float64)
+        gram += block @ block.T
     return gram
 
 

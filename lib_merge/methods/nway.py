@@ -9,10 +9,9 @@ import torch
 from ..errors import BadParameterError
 from .basic import MODEL_WEIGHTS, parse_model_weights
 from .median import serial_torch
-from .perpendicular import difference
 from .registry import KeyContext, Param, merge_method
 from .sparsify import chunks
-from .task_vector import lazy_inputs, load
+from .task_vector import difference, lazy_inputs, load
 
 TOL = Param("tol", float, 1e-5, "Karcher: stop when the tangent step's norm is below tol; norms ≤ tol count as zero", 0.0, 1.0)
 MAX_ITER = Param("max_iter", int, 10, "Karcher: most fixed-point iterations", 1, 10000)

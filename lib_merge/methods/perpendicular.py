@@ -14,18 +14,7 @@ from .median import serial_torch
 from .params import ALPHA
 from .registry import KeyContext, merge_method
 from .sparsify import chunks
-from .task_vector import lazy_inputs, load
-
-
-def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x − base into ``out`` or a new flat tensor (fp32, or wider when an input is), converted
-    chunk by chunk so that no whole-tensor converted copy of either input is made."""
-    flat_x, flat_b = x.reshape(-1), base.reshape(-1)
-    if out is None:
-        out = torch.empty(flat_x.numel(), dtype=torch.promote_types(torch.promote_types(x.dtype, base.dtype), torch.float32))
-    for part in chunks(out.numel()):
-        out[part].copy_(flat_x[part]).sub_(flat_b[part])
-    return out
+from .task_vector import difference, lazy_inputs, load
 
 
 def _dots(da: torch.Tensor, db: torch.Tensor) -> tuple[float, float]:

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from .median import row_chunk, serial_torch
-from .perpendicular import difference
 from .registry import KeyContext, Param, merge_method
 from .sparsify import chunks
-from .task_vector import lazy_inputs, load
+from .task_vector import difference, lazy_inputs, load
 
 TOPK = Param("select_topk", float, 1.0, "fraction of entries kept by largest across-model variance of the task vectors (1 = all)",
              0.0, 1.0)

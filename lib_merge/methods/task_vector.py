@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import BadParameterError
-from .median import Weiszfeld, geometric_median_rows, row_chunk, serial_torch
+from .median import Weiszfeld, geometric_median_rows, gram_matrix, row_chunk, serial_torch
 from .registry import KeyContext
 from .sparsify import band_trim, chunk_offset, chunks, dare_drop_, della_drop_, top_trim
 
@@ -44,6 +44,17 @@ class TaskVectorConfig:
     include_base: bool = False  # median: the base counts as one zero task vector
     median: Weiszfeld = Weiszfeld()
     cos_eps: float = 1e-6
+
+
+def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x − base into ``out`` or a new flat tensor (fp32, or wider when an input is), converted
+    chunk by chunk so that no whole-tensor converted copy of either input is made."""
+    flat_x, flat_b = x.reshape(-1), base.reshape(-1)
+    if out is None:
+        out = torch.empty(flat_x.numel(), dtype=torch.promote_types(torch.promote_types(x.dtype, base.dtype), torch.float32))
+    for part in chunks(out.numel()):
+        out[part].copy_(flat_x[part]).sub_(flat_b[part])
+    return out
 
 
 def load(x: Any) -> torch.Tensor:
@@ -105,9 +116,7 @@ def _merge(base: Any, models: Sequence[Any], ctx: KeyContext, config: TaskVector
         t = load(source).reshape(-1)
         if t.numel() != n:
             raise BadParameterError(f"{ctx.key}: model {i + 1} has {t.numel()} elements, A has {n}")
-        row = deltas[i]
-        for part in chunks(n):
-            row[part].copy_(t[part]).sub_(flat_a[part])
+        row = difference(t, flat_a, out=deltas[i])
         del t  # unmaps the fine-tune before the next one is read
         trims.append(_sparsify_(row, ctx, i + 1, config))
     # Trim masks, election, combination and A + α·τ are per column: one pass over column blocks,
@@ -190,11 +199,8 @@ def _model_stock(deltas: torch.Tensor, cos_eps: float) -> torch.Tensor:
     """t·mean(Δᵢ), t = P·cosθ/(1 + (P−1)·cosθ), cosθ the mean cosine over all pairs of task
     vectors (whole tensors), clamped to [0, 1]."""
     count, n = deltas.shape
-    gram = torch.zeros(count, count, dtype=torch.float64)
     across = row_chunk(count)
-    for part in chunks(n, across):
-        block = deltas[:, part].to(torch.float64)
-        gram += block @ block.T
+    gram = gram_matrix(deltas)
     norms = gram.diagonal().sqrt()
     pairs = [
         float(gram[i, j] / max(float(norms[i] * norms[j]), cos_eps))
