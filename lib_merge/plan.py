@@ -94,13 +94,19 @@ def open_inputs(models: Sequence[str]) -> list[CheckpointReader | VirtualInput]:
     return opened
 
 
+def bakes_loras_into_a(recipe: Recipe) -> bool:
+    """`merge A --lora X`: one model and LoRAs — every block is A, the LoRAs go on top (the planner
+    and the live preview both plan such a recipe this way)."""
+    return bool(recipe.loras) and len(recipe.models) == 1
+
+
 def plan_merge(recipe: Recipe, inputs: Sequence[CheckpointReader | VirtualInput]) -> MergePlan:
     method = get_method(recipe.method)
     if recipe.blocks not in BLOCK_POLICIES:
         raise BadParameterError(
             f"block policy {recipe.blocks!r} is unknown; choose one of {', '.join(BLOCK_POLICIES)}"
         )
-    lora_only = bool(recipe.loras) and len(inputs) == 1  # `merge A --lora X`: A with the LoRA baked in
+    lora_only = bakes_loras_into_a(recipe)
     if not lora_only:
         method.check_model_count(len(inputs))
     method_params(method, recipe)  # parameter errors first, before any file is read

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..lora.attach import takes_patches
-from ..plan import KeyJob, MergePlan, block_settings
+from ..plan import KeyJob, MergePlan, bakes_loras_into_a, block_settings
 from ..recipe import Recipe
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def _part_of(key: str) -> str:
 
 def block_parameters(plan: MergePlan, recipe: Recipe):
     """``block_settings`` of ``recipe`` for the models and method of the cached ``plan``."""
-    if len(plan.inputs) == 1:  # `merge A --lora X`: every block is A, the LoRAs go on top (plan_merge's rule)
+    if bakes_loras_into_a(recipe):
         return {block: ({}, True, (0,)) for block in plan.info.arch.blocks}, {}
     return block_settings(plan.method, plan.info.arch, recipe, len(plan.inputs))
 

@@ -18,7 +18,7 @@ from ..errors import MergeError
 from ..inputs import VirtualInput, parse_model_ref
 from ..io.dtypes import output_dtype
 from ..io.reader import CheckpointReader
-from ..plan import KeyJob, MergePlan, plan_merge
+from ..plan import KeyJob, MergePlan, bakes_loras_into_a, plan_merge
 from ..recipe import Recipe
 from ..torch_threads import on_one_torch_thread
 from .changes import LiveReport, block_parameters, changed_work, file_identity, loaded_jobs
@@ -143,7 +143,7 @@ class LiveMerge:
         files = tuple(file_identity(Path(m)) for m in recipe.models if isinstance(parse_model_ref(m), str))
         # The LoRA list changes no job of the plan (the LoRAs are bound per apply, ``loras``), except
         # that a single model with LoRAs is `merge A --lora X`, planned as A everywhere.
-        lora_only = bool(recipe.loras) and len(recipe.models) == 1
+        lora_only = bakes_loras_into_a(recipe)
         skeleton = (recipe.replace(alpha=None, beta=None, weights=None, beta_weights=None, loras=()), files, lora_only)
         cached = self._plan_cache
         if cached is None or cached[0] != skeleton:
