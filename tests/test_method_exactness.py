@@ -187,6 +187,41 @@ def test_selection_with_infinities_and_subnormals():
         assert torch.equal(sparsify.select_top(row, m).mask(row, whole), ref_select_top(row, m).mask(row, whole)), m
 
 
+def _apply_in_parts(selection, row, parts):
+    out = row.clone()
+    for part in parts:
+        selection.apply_(out, part)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS + ["extremes"])
+def test_in_place_trim_keeps_what_the_mask_keeps(kind):
+    """TopSelection.apply_ (hardshrink at the threshold's float) against the bool mask, on parts
+    that split the row anywhere — also inside the run of elements equal to the threshold, where
+    those before the cut go and those after stay. A trimmed entry is 0 (an infinite one too, where
+    a multiply by the mask gives NaN); zeros compare by value (+0 and −0 alike)."""
+    n = 70_001
+    row = awkward(n, "ints" if kind == "extremes" else kind, seed=8)
+    if kind == "extremes":
+        row[5], row[6], row[7] = float("inf"), -float("inf"), -0.0
+        row[100:200] = 1e-40
+        row[300:310] = -1e-45  # the smallest subnormal
+    cuts = [0, 1, 999, 35_000, 35_001, 69_999, n]
+    parts = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+    for m in (0, 1, 3, 150, n // 5, n // 2, n - 1, n):
+        selection = sparsify.select_top(row, m)
+        want = torch.where(selection.mask(row, slice(0, n)), row, 0.0)
+        got = _apply_in_parts(selection, row, parts)
+        assert torch.equal((got + 0.0).view(torch.int32), (want + 0.0).view(torch.int32)), (m, selection)
+        assert int((got != 0).sum()) == int((want != 0).sum())
+    # a threshold at +inf and one with a cut inside a part: chosen directly
+    for selection in (sparsify.TopSelection(0x7F800000, 0), sparsify.TopSelection(0x7F800000, 6),
+                      sparsify.TopSelection(int(row[50:51].abs().view(torch.int32)), 40_000)):
+        want = torch.where(selection.mask(row, slice(0, n)), row, 0.0)
+        got = _apply_in_parts(selection, row, [slice(0, 60_000), slice(60_000, n)])
+        assert torch.equal((got + 0.0).view(torch.int32), (want + 0.0).view(torch.int32)), selection
+
+
 # -- DELLA ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("kind", KINDS)

@@ -58,6 +58,9 @@ def test_ties_weights_and_alpha():
     assert torch.allclose(out, BASE + 0.5 * torch.tensor([3.5, -2.0, 3.5, 2.0]))
     with pytest.raises(BadParameterError, match="task_weights"):
         run("ties", BASE, *models, task_weights="1")
+    for bad in ("nan,1", "1,inf"):  # a NaN weight would make the disjoint mean's count NaN
+        with pytest.raises(BadParameterError, match="finite"):
+            run("ties", BASE, *models, task_weights=bad)
 
 
 def test_ties_soup_is_count_vote_disjoint_mean():

@@ -19,6 +19,7 @@ the engine can hand over N inputs while only one is mapped at a time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,7 +28,9 @@ import torch
 from ..errors import BadParameterError
 from .median import Weiszfeld, geometric_median_rows, gram_matrix, row_chunk, serial_torch
 from .registry import KeyContext
-from .sparsify import band_trim, chunk_offset, chunks, dare_drop_, della_drop_, top_trim
+from .workspace import empty_large
+from .sparsify import (TopSelection, band_trim, chunk_offset, chunks, dare_drop_, della_drop_, high_histogram,
+                       new_high_histogram, top_trim)
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,19 @@ class TaskVectorConfig:
     cos_eps: float = 1e-6
 
 
-def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None,
+               histogram: torch.Tensor | None = None) -> torch.Tensor:
     """x − base into ``out`` or a new flat tensor (fp32, or wider when an input is), converted
-    chunk by chunk so that no whole-tensor converted copy of either input is made."""
+    chunk by chunk so that no whole-tensor converted copy of either input is made. With
+    ``histogram`` the high bits of |x − base| are counted into it as each chunk is made, while it
+    is still in cache (the first pass of ``select_top``)."""
     flat_x, flat_b = x.reshape(-1), base.reshape(-1)
     if out is None:
         out = torch.empty(flat_x.numel(), dtype=torch.promote_types(torch.promote_types(x.dtype, base.dtype), torch.float32))
     for part in chunks(out.numel()):
         out[part].copy_(flat_x[part]).sub_(flat_b[part])
+        if histogram is not None:
+            high_histogram(out, into=histogram, part=part)
     return out
 
 
@@ -73,6 +81,8 @@ def parse_task_weights(text: str, count: int, method: str, *, non_negative: bool
         raise BadParameterError(
             f"{method}: task_weights has {len(values)} values for {count} fine-tunes (models B, C, …); give one each"
         )
+    if not all(math.isfinite(v) for v in values):
+        raise BadParameterError(f"{method}: task_weights={text!r} must be finite numbers")
     if non_negative and any(v < 0 for v in values):
         raise BadParameterError(f"{method}: task_weights={text!r} must be ≥ 0 when signs are elected")
     return torch.tensor(values, dtype=torch.float64)
@@ -109,30 +119,33 @@ def _merge(base: Any, models: Sequence[Any], ctx: KeyContext, config: TaskVector
     shape = tuple(a.shape)
     n = a.numel()
     count = len(models)
-    deltas = torch.empty(count, n, dtype=torch.float32)
+    deltas = empty_large(count, n)
     flat_a = a.reshape(-1)
     trims = []
     for i, source in enumerate(models):
         t = load(source).reshape(-1)
         if t.numel() != n:
             raise BadParameterError(f"{ctx.key}: model {i + 1} has {t.numel()} elements, A has {n}")
-        row = difference(t, flat_a, out=deltas[i])
+        # a top-k trim straight after the difference counts its first histogram on the way
+        histogram = new_high_histogram() if config.trim == "top" and config.drop == "none" else None
+        row = difference(t, flat_a, out=deltas[i], histogram=histogram)
         del t  # unmaps the fine-tune before the next one is read
-        trims.append(_sparsify_(row, ctx, i + 1, config))
+        trims.append(_sparsify_(row, ctx, i + 1, config, histogram))
     # Trim masks, election, combination and A + α·τ are per column: one pass over column blocks,
     # each while it is in cache. Their results do not depend on the block width, so the widths
     # are the fastest measured (2^16 columns at P = 2), not row_chunk's, which orders the sums of
     # the median and Model Stock.
     across = max(1 << 12, (1 << 17) // count)
     if config.combine not in ("median", "stock"):
-        tau = torch.empty(n, dtype=torch.float32)
+        # τ overwrites the first task vector column block by column block, after the block is
+        # combined: no further n-sized buffer (and no page faults for one)
+        tau = deltas[0]
         for part in chunks(n, across):
             block = deltas[:, part]
             _trim_(block, deltas, trims, part)
-            if config.vote != "none":
-                _elect_(block, weights, config.vote)
+            agree = _elect_(block, weights, config.vote) if config.vote != "none" else None
             out = tau[part]
-            out.copy_(_combine(block, weights, config))
+            out.copy_(_combine(block, weights, config, agree))
             out.mul_(alpha).add_(flat_a[part])
         return tau.view(shape)
     if config.vote != "none" or any(trim is not None for trim in trims):
@@ -152,15 +165,17 @@ def _merge(base: Any, models: Sequence[Any], ctx: KeyContext, config: TaskVector
     return tau.view(shape)
 
 
-def _sparsify_(row: torch.Tensor, ctx: KeyContext, model_index: int, config: TaskVectorConfig):
-    """The drop, in place; returns the trim's selection (applied later by ``_trim_``) or None."""
+def _sparsify_(row: torch.Tensor, ctx: KeyContext, model_index: int, config: TaskVectorConfig,
+               histogram: torch.Tensor | None = None):
+    """The drop, in place; returns the trim's selection (applied later by ``_trim_``) or None.
+    ``histogram``: the row's high-bit counts, when the caller made them (see ``difference``)."""
     if config.drop == "dare":
         for part in chunks(row.numel()):
             dare_drop_(row[part], ctx=ctx, model_index=model_index, p=config.p, rescale=config.rescale, offset=part.start)
     elif config.drop == "della":
         della_drop_(row, ctx=ctx, model_index=model_index, p=config.p, eps=config.della_eps, rescale=config.rescale)
     if config.trim == "top":
-        return top_trim(row, config.k)
+        return top_trim(row, config.k, histogram)
     if config.trim == "band":
         return band_trim(row, config.k, config.gamma)
     return None
@@ -169,30 +184,41 @@ def _sparsify_(row: torch.Tensor, ctx: KeyContext, model_index: int, config: Tas
 def _trim_(block: torch.Tensor, deltas: torch.Tensor, trims: list, part: slice) -> None:
     """Zero the trimmed entries of a P × C column block (rows' selections from ``_sparsify_``)."""
     for i, trim in enumerate(trims):
-        if trim is not None:
+        if isinstance(trim, TopSelection):
+            trim.apply_(deltas[i], part)
+        elif trim is not None:
             block[i].mul_(trim.mask(deltas[i], part))
 
 
-def _elect_(block: torch.Tensor, weights: torch.Tensor, vote: str) -> None:
-    """Zero, in place, every entry whose sign differs from the elected one (P × C block)."""
+# The election and the disjoint mean below use only arithmetic: on CPU a bool mask (a comparison,
+# then a multiply by it) costs about ten times an arithmetic pass, and these run on every column.
+def _elect_(block: torch.Tensor, weights: torch.Tensor, vote: str) -> torch.Tensor:
+    """Zero, in place, every entry whose sign differs from the elected one (P × C block); a zero
+    vote zeroes the column. Returns the agreement (1.0 where an entry was kept and is non-zero,
+    else 0.0), which is ``block != 0`` afterwards, for the disjoint mean's counts."""
     signs = torch.sign(block)
     if vote == "count":
         tally = signs.sum(dim=0)
     else:
         tally = torch.matmul(weights.to(torch.float32), block)
-    block.mul_(signs == torch.sign(tally))
+    agree = signs.mul_(torch.sign(tally)).clamp_(min=0.0)  # sᵢ·s = 1 iff the signs agree and are not 0
+    block.mul_(agree)
+    return agree
 
 
-def _combine(block: torch.Tensor, weights: torch.Tensor, config: TaskVectorConfig) -> torch.Tensor:
+def _combine(block: torch.Tensor, weights: torch.Tensor, config: TaskVectorConfig, agree: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ wᵢΔᵢ per column, or (combine = mean) the disjoint mean Σ wᵢΔᵢ / Σ_{Δᵢ≠0} wᵢ, 0 where no
+    model kept a value. ``agree`` is ``block != 0`` as 1.0/0.0 when the caller has it."""
     w = weights.to(torch.float32)
     total = torch.matmul(w, block)
     if config.combine != "mean":
         return total
-    # disjoint mean: divide by the weight of the models that kept a value here (0 where none did);
-    # in place, with the result of torch.where(present > 0, total / present, 0) bit for bit
-    present = torch.matmul(w, (block != 0).to(torch.float32))
-    nobody = ~(present > 0)  # NaN weights too, as torch.where had it
-    return total.div_(present.clamp_(min=torch.finfo(torch.float32).tiny)).masked_fill_(nobody, 0.0)
+    if agree is None:
+        agree = torch.sign(block).abs_()
+    present = torch.matmul(w, agree)
+    # Where nobody kept a value the total is ±0 (weights are finite): + 0.0 makes it +0, and
+    # +0 / tiny stays 0 — the value torch.where(present > 0, total / present, 0) gives.
+    return total.add_(0.0).div_(present.clamp_(min=torch.finfo(torch.float32).tiny))
 
 
 def _model_stock(deltas: torch.Tensor, cos_eps: float) -> torch.Tensor:
@@ -225,9 +251,8 @@ def merge_chunk(
     if config.drop == "dare":
         for i in range(block.shape[0]):
             dare_drop_(block[i], ctx=ctx, model_index=i + 1, p=config.p, rescale=config.rescale, offset=offset)
-    if config.vote != "none":
-        _elect_(block, weights, config.vote)
-    tau = _combine(block, weights, config)
+    agree = _elect_(block, weights, config.vote) if config.vote != "none" else None
+    tau = _combine(block, weights, config, agree)
     return tau.mul_(alpha).add_(base.reshape(-1)).view(base.shape)
 
 
