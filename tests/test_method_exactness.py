@@ -4,6 +4,7 @@ here as references), on awkward inputs: odd lengths, many equal magnitudes, zero
 fp16-derived task vectors. Everything but slerp's fp64 reductions must match bit for bit."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -233,13 +234,25 @@ def test_della_keep_probabilities_are_bit_identical(n, kind):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (p, eps)
 
 
+def test_below_is_the_comparison():
+    g = torch.Generator().manual_seed(9)
+    u = torch.rand(100_000, generator=g)
+    u[:10] = torch.tensor([0.0, 1e-45, 1e-40, 0.1, 0.5, 0.5, 1 - 2**-24, 0.25, 0.75, 0.3])
+    q = torch.rand(100_000, generator=g)
+    q[:10] = torch.tensor([0.0, 1e-45, 2e-40, 0.1, 0.5, 0.5000001, 1.0, 0.25, 0.7499999, 0.3])
+    assert torch.equal(sparsify.below(u.clone(), q), (u < q).float())
+    for scalar in (0.0, 0.1, 0.5, 0.9, 1.0, 1e-45):  # 0.1 and 0.9 are not floats: both sides round them alike
+        assert torch.equal(sparsify.below(u.clone(), scalar), (u < scalar).float()), scalar
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_della_drop_is_bit_identical(kind):
     row = awkward(140_001, kind, seed=4)
-    for rescale in (False, True):
-        got = sparsify.della_drop_(row.clone(), ctx=CTX, model_index=2, p=0.4, eps=0.3, rescale=rescale)
-        want = ref_della_drop_(row.clone(), ctx=CTX, model_index=2, p=0.4, eps=0.3, rescale=rescale)
-        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    # (0.95, 0.5): q is clamped to 0 for the smaller half of the ranks, and 0 must not divide
+    for (p, eps), rescale in itertools.product(((0.4, 0.3), (0.95, 0.5)), (False, True)):
+        got = sparsify.della_drop_(row.clone(), ctx=CTX, model_index=2, p=p, eps=eps, rescale=rescale)
+        want = ref_della_drop_(row.clone(), ctx=CTX, model_index=2, p=p, eps=eps, rescale=rescale)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (p, eps, rescale)
 
 
 # -- train_difference ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Synthetic fp16 checkpoints with the full-size key names and shapes are written (``--scale N``
 divides the widths, for a quick run), then each contender runs in its own interpreter (so its
-peak RSS is its own, read from ``wait4``), on a warm page cache:
+peak RSS is its own, read from ``wait4``), each on a page cache warmed just before it:
   * durable floor — read the method's inputs once, write one output of the same size, fsync;
   * page-cache floor — the same without the fsync;
   * lib_merge, each method of ``--methods`` as the CLI runs it (fsync, output sha256);
@@ -63,8 +63,12 @@ def run_bench(args) -> int:
     print(f"inputs: {len(inputs)} × {size / 2**30:.2f} GiB fp16 {args.arch}"
           f"{f' (widths ÷ {scale})' if scale > 1 else ''} (made in {time.perf_counter() - t0:.1f} s), "
           f"{os.cpu_count()} CPU cores, load average {_loadavg()}")
-    _run("warm", inputs[0], inputs[1], folder / "unused", *map(str, inputs[2:]))
+    def warm() -> None:
+        # before every timed run: a contender that needs GBs (sd-mecha's DELLA peaks at 5 GB)
+        # can push the inputs out of the page cache, and the next one would pay for the disk
+        _run("warm", inputs[0], inputs[1], folder / "unused", *map(str, inputs[2:]))
 
+    warm()
     threads = str(args.threads or 0)
     floors: dict[int, tuple[dict, dict]] = {}
     for n in sorted(set(methods.values()) | {2}):  # the plain weighted_sum row is always held against 2
@@ -72,17 +76,23 @@ def run_bench(args) -> int:
         floors[n] = (_run("floor", inputs[0], inputs[1], folder / "floor_out.bin", *extra),
                      _run("floor-cache", inputs[0], inputs[1], folder / "floor_out.bin", *extra))
     mecha = "skipped (--skip-mecha)" if getattr(args, "skip_mecha", False) else _mecha_available()
+    warm()
     plain = _ours(inputs, folder, threads, "weighted_sum", 2, "durable")
     # every × plain refers to it, so it is shown even when not asked for (sd-mecha is not run for it then)
     rows = [] if "weighted_sum" in methods else [("weighted_sum", 2, plain, None, mecha or "not in --methods")]
     for method, n in methods.items():
+        if method != "weighted_sum":
+            warm()
         ours = plain if method == "weighted_sum" else _ours(inputs, folder, threads, method, n, "durable")
         theirs = None
         if mecha is None and method in _MECHA:
+            warm()
             theirs = _run("mecha", inputs[0], inputs[1], folder / "mecha.safetensors", method, *map(str, inputs[2:n]))
         rows.append((method, n, ours, theirs, mecha or ("no counterpart" if theirs is None else _MECHA[method])))
+    warm()
     rows.append(("weighted_sum, no fsync", 2, _ours(inputs, folder, threads, "weighted_sum", 2, "cache"), None, ""))
     if not args.skip_baseline:
+        warm()
         rows.append(("load_file + save_file (weighted_sum)", 2,
                      _run("baseline", inputs[0], inputs[1], folder / "baseline.safetensors"), None, ""))
 

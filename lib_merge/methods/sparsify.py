@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .registry import KeyContext
+from .workspace import empty_large
 
 RNG_BLOCK = 1 << 16
 SMALL_SELECT = 1 << 16  # below this many elements a top-m selection sorts instead of histogramming
@@ -74,8 +75,7 @@ def dare_drop_(delta: torch.Tensor, *, ctx: KeyContext, model_index: int, p: flo
         return delta
     if q <= 0.0:
         return delta.zero_()
-    keep = uniforms(ctx, keep_salt(model_index), offset, delta.numel()) < q
-    delta.mul_(keep)
+    delta.mul_(below(uniforms(ctx, keep_salt(model_index), offset, delta.numel()), q))
     if rescale:
         delta.div_(q)
     return delta
@@ -86,9 +86,11 @@ def della_keep_probabilities(row: torch.Tensor, p: float, eps: float) -> torch.T
     over the whole tensor (sd-mecha's window of ±ε/2 around 1 − p). Returns a new float32
     tensor; peak extra memory ≈ 6 fp32 copies of the row (the radix sort's buffers)."""
     n = row.numel()
-    keys = row.abs()  # later reused to hold q
+    # huge pages: the scatter below writes all over both buffers, and with 4 KiB pages most of
+    # its time went to TLB misses and first-touch faults
+    keys = torch.abs(row, out=empty_large(n))  # later reused to hold q
     bits = keys.view(torch.int32)  # |x| ≥ 0: its bit pattern orders like its value
-    order = torch.empty(n, dtype=torch.int64)
+    order = empty_large(n, dtype=torch.int64)
     torch.sort(bits, stable=True, out=(bits, order))
     q = keys  # the sorted keys are no longer needed; the buffer now receives q in element order
     for part in chunks(n, RNG_BLOCK):  # the fp64 temporaries of a chunk stay in cache
@@ -111,12 +113,25 @@ def della_drop_(row: torch.Tensor, *, ctx: KeyContext, model_index: int, p: floa
     salt = keep_salt(model_index)
     for part in chunks(n, RNG_BLOCK):
         qs = q[part]
-        keep = uniforms(ctx, salt, part.start, part.stop - part.start) < qs
         seg = row[part]
-        seg.mul_(keep)
+        seg.mul_(below(uniforms(ctx, salt, part.start, part.stop - part.start), qs))
         if rescale:
-            seg.div_(torch.where(keep, qs, torch.ones_like(qs)))
+            # a dropped entry is ±0 already and stays so divided by any q > 0; q = 0 (never
+            # kept) becomes the smallest subnormal so that 0/q is not NaN — kept entries have
+            # q > u ≥ 0 and are divided by their own q unchanged
+            seg.div_(qs.clamp(min=_SMALLEST))
     return row
+
+
+_SMALLEST = float(torch.finfo(torch.float32).smallest_normal) * 2.0 ** -23  # 2^-149, the least subnormal
+
+
+def below(u: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
+    """1.0 where u < q, else 0.0, as an fp32 tensor of u's shape (in place of u). For floats,
+    q − u > 0 exactly when u < q (a difference of two distinct floats never rounds to zero), so
+    sign(q − u) clamped at 0 is the comparison in two arithmetic passes: on CPU a bool
+    comparison and the multiply by it cost several times that."""
+    return u.neg_().add_(q).sign_().clamp_(min=0.0)
 
 
 # -- magnitude selection -------------------------------------------------------------------------
