@@ -13,7 +13,9 @@ than torch's float sort here) and select thresholds with two 16-bit histograms i
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -25,6 +27,10 @@ RNG_BLOCK = 1 << 16
 SMALL_SELECT = 1 << 16  # below this many elements a top-m selection sorts instead of histogramming
 # Column chunk for whole-tensor passes: small enough that temporaries stay in cache.
 PASS_CHUNK = 1 << 18
+# Chunk for passes whose results do not depend on it and whose temporaries may live in L3: each
+# torch call hands the GIL to the other worker and takes it back (a futex call each way), so with
+# two workers fewer, longer calls win over cache-sized ones.
+WIDE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,12 @@ def uniforms(ctx: KeyContext, salt: str, offset: int, n: int) -> torch.Tensor:
         block = pos // RNG_BLOCK
         start = block * RNG_BLOCK
         stop = min(end, start + RNG_BLOCK)
-        draws = torch.rand(stop - start, generator=ctx.generator(f"{salt}#{block}"), dtype=torch.float32)
-        out[pos - offset: stop - offset] = draws[pos - start:]
+        generator = ctx.generator(f"{salt}#{block}")
+        if pos == start:  # the block's first draws: straight into place
+            torch.rand(stop - start, generator=generator, dtype=torch.float32, out=out[pos - offset: stop - offset])
+        else:
+            draws = torch.rand(stop - start, generator=generator, dtype=torch.float32)
+            out[pos - offset: stop - offset] = draws[pos - start:]
         pos = stop
     return out
 
@@ -93,7 +103,7 @@ def della_keep_probabilities(row: torch.Tensor, p: float, eps: float) -> torch.T
     order = empty_large(n, dtype=torch.int64)
     torch.sort(bits, stable=True, out=(bits, order))
     q = keys  # the sorted keys are no longer needed; the buffer now receives q in element order
-    for part in chunks(n, RNG_BLOCK):  # the fp64 temporaries of a chunk stay in cache
+    for part in chunks(n, WIDE_CHUNK):
         ranks = torch.arange(part.start + 1, part.stop + 1, dtype=torch.float64)
         values = (ranks / n - (n + 1) / (2 * n)).mul_(eps).add_(1.0 - p).clamp_(0.0, 1.0)
         # order is a permutation: index_copy_ scatters without advanced indexing's overhead (2× faster)
@@ -111,7 +121,7 @@ def della_drop_(row: torch.Tensor, *, ctx: KeyContext, model_index: int, p: floa
         return row
     q = della_keep_probabilities(row, p, eps)
     salt = keep_salt(model_index)
-    for part in chunks(n, RNG_BLOCK):
+    for part in chunks(n, WIDE_CHUNK):
         qs = q[part]
         seg = row[part]
         seg.mul_(below(uniforms(ctx, salt, part.start, part.stop - part.start), qs))
@@ -178,8 +188,12 @@ def _keep_above_(values: torch.Tensor, bits: int) -> None:
     if bits >= 0x7F800000:  # λ would be ∞ or NaN, where hardshrink's comparison is not the bits' order
         values.masked_fill_(values.abs().view(torch.int32) <= bits, 0.0)  # ∞·0 would be NaN
         return
-    lam = torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
-    torch.ops.aten.hardshrink.out(values, lam, out=values)
+    torch.ops.aten.hardshrink.out(values, _float_of_bits(bits), out=values)
+
+
+@lru_cache(maxsize=256)
+def _float_of_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 _NONE = TopSelection(threshold=0x7FFFFFFF, cut=1 << 62)
