@@ -94,8 +94,10 @@ def parse_task_weights(text: str, count: int, method: str, *, non_negative: bool
 # 2^17, which was faster for one thread alone.
 COLUMNS = 1 << 19
 
-# Temporaries of the chunked passes (P × ~2^18/P values, a handful at a time, plus the random
-# draws of one 2^18 chunk), whatever the size of the key.
+# Temporaries of the chunked passes, whatever the size of the key: a handful of P × COLUMNS/P
+# fp32 blocks (2 MiB each), or one DELLA chunk (WIDE_CHUNK ranks in fp64 and fp32, its draws and
+# its clamped q: 20 MiB; measured with the tests' 2 M-element key: 95 MB of growth for DGMLA
+# against the 114 MB declared).
 SCRATCH_BYTES = 32 << 20
 
 
