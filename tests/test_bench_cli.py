@@ -115,3 +115,20 @@ def test_merge_benchmark_runs_its_smallest_configuration_end_to_end(tmp_path):
                          text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.startswith("error: unknown merge method 'wieghted'")
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "scratch").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_worker_reports_its_own_peak_not_the_benchmark_process_size(tmp_path):
+    """wait4's ru_maxrss of an exec'd child includes the parent's high-water mark: a floor worker
+    (no torch, 16 MiB buffer) started from a process holding 600 MB must still report its own."""
+    from lib_merge.bench.merge import _run
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touched: resident
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"\0" * 2**20)
+    b.write_bytes(b"\0" * 2**20)
+    result = _run("floor", a, b, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").stat().st_size == 2**20
+    assert 0 < result["rss"] < 200 * 2**20, result["rss"]
+    del ballast

@@ -13,7 +13,6 @@ a low retained energy for any rank; real fine-tunes concentrate their change in 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import worker_result
 from .merge import _run
 
 ALPHA = 0.5
@@ -141,4 +141,4 @@ def _worker(kind: str, a: Path, b: Path, out: Path, *extra: str) -> dict:
 
 if __name__ == "__main__":
     kind, a, b, out, *rest = sys.argv[1:]
-    print(json.dumps(_worker(kind, Path(a), Path(b), Path(out), *rest)))
+    print(worker_result(_worker(kind, Path(a), Path(b), Path(out), *rest)))

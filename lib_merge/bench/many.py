@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import PACKAGE_PARENT
+from . import PACKAGE_PARENT, peak_rss_of, worker_result
 
 FAMILY = 11
 PUBLISHED = {"ram_tb": 3.5, "hours": 36.2, "threads": 48, "models": 216}
@@ -170,7 +170,7 @@ def _call(kind: str, payload: dict) -> dict:
             err.seek(0)
             raise RuntimeError(f"bench worker {kind} failed ({proc.returncode}): {err.read()[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["rss"] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    result["rss"] = peak_rss_of(result, usage)
     return result
 
 
@@ -256,4 +256,4 @@ def _merge_worker(kind: str, payload: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], json.loads(sys.argv[2]))))
+    print(worker_result(_worker(sys.argv[1], json.loads(sys.argv[2]))))

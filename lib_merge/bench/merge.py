@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import PACKAGE_PARENT
+from . import PACKAGE_PARENT, peak_rss_of, worker_result
 
 ALPHA = 0.5
 DEFAULT_METHODS = "weighted_sum"
@@ -194,7 +194,7 @@ def _run(kind: str, a: Path, b: Path, out: Path, *extra: str, module: str = "lib
         raise RuntimeError(f"bench worker {kind} failed with status {proc.returncode}: {log.read_text()[-2000:]}")
     log.unlink(missing_ok=True)
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["rss"] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    result["rss"] = peak_rss_of(result, usage)
     return result
 
 
@@ -285,4 +285,4 @@ def _fsync(path: Path) -> None:
 
 if __name__ == "__main__":
     kind, a, b, out, *rest = sys.argv[1:]
-    print(json.dumps(_worker(kind, Path(a), Path(b), Path(out), *rest)))
+    print(worker_result(_worker(kind, Path(a), Path(b), Path(out), *rest)))
