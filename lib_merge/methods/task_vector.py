@@ -276,8 +276,9 @@ def task_chunk_copies(count: int) -> int:
     and tallies of the election, the disjoint mean's counts — 12.5 chunks live at 3 inputs in
     the strict measurement of tests/test_many_memory.py — plus what glibc's default allocator
     keeps resident of the freed ones: chunk buffers fall below its dynamic mmap threshold and
-    come from a heap that DARE's per-block generators fragment, and with default settings DARE
-    peaked at 21–23.6 chunks in some runs and 15.6 in others (6P + 4 = 22 failed CI once)."""
+    come from a heap that fragments (DARE's per-block generators, small allocations between
+    them, are the likely cause; not verified), and with default settings DARE peaked at 21–23.6
+    chunks in some runs and 15.6 in others (6P + 4 = 22 failed CI once)."""
     return 8 * count + 4
 
 
