@@ -96,8 +96,8 @@ COLUMNS = 1 << 19
 
 # Temporaries of the chunked passes, whatever the size of the key: a handful of P × COLUMNS/P
 # fp32 blocks (2 MiB each), or one DELLA chunk (WIDE_CHUNK ranks in fp64 and fp32, its draws and
-# its clamped q: 20 MiB; measured with the tests' 2 M-element key: 95 MB of growth for DGMLA
-# against the 114 MB declared).
+# its clamped q: 20 MiB). The glibc slack that comes with DELLA's big buffers is declared with
+# them, in ``working_copies``.
 SCRATCH_BYTES = 32 << 20
 
 
